@@ -1,0 +1,102 @@
+"""The protocol a backend implements to run the conformance suite.
+
+An adapter speaks NumPy in the **canonical (torch) layout** on one side and its framework on the
+other. The suite never touches a framework object: it hands the adapter arrays, gets arrays back and
+compares them with :mod:`xnorm.reference` and :mod:`xnorm.conformance.layers`.
+
+Layout rules for every array crossing the protocol:
+
+* weights: canonical layout (Linear ``(out, in)``, ConvNd ``(out, in/groups, *k)``, ConvTransposeNd
+  ``(in, out/groups, *k)``, Embedding ``(num, features)``);
+* g: the reference's shape, i.e. the weight's shape with every axis but ``dim`` of size 1, or 0-d
+  for ``dim=None``/``-1``;
+* inputs and outputs: ``(N, C, *spatial)`` for convolutions, ``(N, features)`` for Linear, integer
+  indices of any shape for Embedding (output ``(*indices.shape, features)``);
+* bfloat16 values travel as float32 arrays holding exactly representable values.
+
+A *layer handle* is whatever the adapter wants (a module, a ``(module, variables)`` pair...); the
+suite only passes it back. Methods may return a new handle (functional frameworks) or the same one.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .cases import LayerCase
+
+__all__ = ["Adapter"]
+
+
+class Adapter(abc.ABC):
+    """One way of running a backend (a framework, plus a mode such as GRAPH_MODE)."""
+
+    #: Name used in case ids, result folders and expected-failure files: "torch", "mindspore-graph".
+    name: str = ""
+    #: The :mod:`xnorm.registry` backend it exercises.
+    backend: str = ""
+    #: dtypes this adapter can run (names from xnorm.spec.FLOATING_DTYPES).
+    dtypes: Sequence[str] = ("float32", "float64")
+    #: devices the suite may ask for; ``supports_device`` says which are present on this machine.
+    devices: Sequence[str] = ("cpu",)
+
+    def versions(self) -> Dict[str, str]:
+        """Framework versions, recorded in the saved results."""
+        return {}
+
+    @abc.abstractmethod
+    def supports_device(self, device: str) -> bool:
+        """True when ``device`` ("cpu", "gpu", "ascend") is present and usable in this process."""
+
+    def setup(self, device: str) -> None:
+        """Called once before the cases of ``device`` run (select the device, set graph mode...)."""
+
+    # -- life cycle -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> Any:
+        """A plain (unwrapped) layer of ``layer.kind`` holding ``weight`` and ``bias`` (canonical layout)."""
+
+    @abc.abstractmethod
+    def wrap(self, handle: Any, dim: Optional[int]) -> Any:
+        """``xnorm.wrap(layer, dim=dim)`` on the plain layer; returns the wrapped handle."""
+
+    @abc.abstractmethod
+    def remove(self, handle: Any) -> Any:
+        """``xnorm.remove`` on a wrapped layer; returns the plain handle."""
+
+    # -- observation ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def parameters(self, handle: Any) -> Dict[str, np.ndarray]:
+        """Trainable values, canonical layout: ``{"g", "v"[, "bias"]}`` when wrapped,
+        ``{"weight"[, "bias"]}`` when plain."""
+
+    @abc.abstractmethod
+    def parameter_names(self, handle: Any) -> List[str]:
+        """The framework's own names of the trainable parameters (to check ``remove`` left a plain layer)."""
+
+    @abc.abstractmethod
+    def weight(self, handle: Any) -> np.ndarray:
+        """The weight the layer computes with (``w`` when wrapped), canonical layout."""
+
+    @abc.abstractmethod
+    def forward(self, handle: Any, x: np.ndarray, *, training: bool = True) -> np.ndarray:
+        """The layer's output. ``training=False`` runs inference the framework's way (eval mode, no
+        gradient tape); ``training=True`` runs it as inside a training step."""
+
+    @abc.abstractmethod
+    def gradients(self, handle: Any, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
+        """Gradients of ``sum(forward(x) * grad_output)`` w.r.t. ``{"g", "v"[, "bias"]}``, canonical layout."""
+
+    @abc.abstractmethod
+    def sgd_step(self, handle: Any, x: np.ndarray, target: np.ndarray, lr: float) -> Any:
+        """One step of the framework's own SGD optimizer (no momentum, no weight decay) on
+        ``loss = 0.5 * mean((forward(x) - target) ** 2)``; returns the updated handle. The optimizer
+        may be created on the first call for a handle and kept with it."""
+
+    @abc.abstractmethod
+    def state_roundtrip(self, handle: Any, fresh: Any) -> Any:
+        """Save ``handle``'s state the framework's usual way (state_dict, checkpoint, serialized
+        variables), load it into ``fresh`` (a wrapped layer of the same case with other values) and
+        return the loaded handle."""

@@ -1,0 +1,58 @@
+"""Where each backend's conformance adapters live, imported only when asked for.
+
+A backend may run the suite in several ways (MindSpore's GRAPH_MODE and PYNATIVE_MODE, Flax's linen
+and NNX); each way is one adapter with its own name, results and expected-failure list. A
+third-party adapter is named as ``"package.module:ClassName"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Tuple
+
+from xnorm import registry
+from xnorm.errors import UnknownBackendError
+
+#: adapter name -> "module:Class"
+ADAPTERS: Dict[str, str] = {
+    "torch": "xnorm.conformance.adapters.torch:TorchAdapter",
+    "mindspore-graph": "xnorm.conformance.adapters.mindspore:MindSporeGraphAdapter",
+    "mindspore-pynative": "xnorm.conformance.adapters.mindspore:MindSporePyNativeAdapter",
+    "flax-linen": "xnorm.conformance.adapters.flax:LinenAdapter",
+    "flax-nnx": "xnorm.conformance.adapters.flax:NNXAdapter",
+}
+
+#: backend name (as in xnorm.backends()) -> its adapters
+BACKEND_ADAPTERS: Dict[str, Tuple[str, ...]] = {
+    "torch": ("torch",),
+    "mindspore": ("mindspore-graph", "mindspore-pynative"),
+    "flax": ("flax-linen", "flax-nnx"),
+}
+
+
+def adapter_names(selector: str) -> List[str]:
+    """Expand a ``--backend`` value: a backend name, an adapter name or ``module:Class``."""
+    if selector in BACKEND_ADAPTERS:
+        return list(BACKEND_ADAPTERS[selector])
+    if selector in ADAPTERS or ":" in selector:
+        return [selector]
+    raise UnknownBackendError(
+        f"unknown conformance backend {selector!r}; choose one of "
+        f"{', '.join(sorted(set(BACKEND_ADAPTERS) | set(ADAPTERS)))}, or name a third-party adapter "
+        "as 'package.module:ClassName'."
+    )
+
+
+def load_adapter(name: str):
+    """Instantiate the adapter called ``name`` (or given as ``module:Class``)."""
+    target = ADAPTERS.get(name, name)
+    module_name, _, class_name = target.partition(":")
+    backend = next((b for b, names in BACKEND_ADAPTERS.items() if name in names), None)
+    if backend is not None:
+        registry.get_backend(backend)  # raises BackendNotInstalledError with the pip extra to install
+    return getattr(importlib.import_module(module_name), class_name)()
+
+
+def installed_adapters() -> List[str]:
+    """Adapters of every backend whose framework is installed in this environment."""
+    return [name for info in registry.backends() if info.installed for name in BACKEND_ADAPTERS.get(info.name, ())]

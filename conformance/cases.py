@@ -1,0 +1,160 @@
+"""The catalogue of conformance cases: layer kinds x dims x dtypes x devices, with fixed seeds.
+
+A case id reads ``<layer>-dim<dim>-<dtype>-<device>``, for example ``conv1d-dim0-float32-cpu`` or
+``conv_transpose1d-g2-s2-op1-dimNone-bfloat16-gpu``. Every array a case uses is drawn from a seed
+derived from its id, so each case is reproducible on its own and identical in every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from xnorm.reference import round_to_dtype
+from xnorm.spec import LayerKind
+
+__all__ = ["LayerCase", "Case", "LAYERS", "catalogue", "dims_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCase:
+    """A layer configuration, in torch's terms (the canonical ones).
+
+    ``weight_shape`` is canonical; ``input_shape`` is ``(N, C, *spatial)`` for convolutions,
+    ``(N, in)`` for Linear and the index array's shape for Embedding. ``stride``, ``padding``,
+    ``dilation`` and ``output_padding`` have one entry per spatial axis; padding is symmetric zeros.
+    """
+
+    label: str
+    kind: str
+    weight_shape: Tuple[int, ...]
+    input_shape: Tuple[int, ...]
+    bias: bool = True
+    stride: Tuple[int, ...] = ()
+    padding: Tuple[int, ...] = ()
+    dilation: Tuple[int, ...] = ()
+    output_padding: Tuple[int, ...] = ()
+    groups: int = 1
+
+    @property
+    def spatial(self) -> int:
+        return LayerKind.spatial_dims(self.kind)
+
+    @property
+    def in_channels(self) -> int:
+        if self.kind in LayerKind.CONV_TRANSPOSE:
+            return self.weight_shape[0]
+        return self.weight_shape[1] * (self.groups if self.kind in LayerKind.CONV else 1)
+
+    @property
+    def out_channels(self) -> int:
+        if self.kind in LayerKind.CONV_TRANSPOSE:
+            return self.weight_shape[1] * self.groups
+        return self.weight_shape[0]
+
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        return tuple(self.weight_shape[2:])
+
+    @property
+    def bias_size(self) -> int:
+        return self.out_channels
+
+
+def _conv(label, kind, weight_shape, input_shape, *, stride=None, padding=None, dilation=None,
+          output_padding=None, groups=1, bias=True) -> LayerCase:
+    n = LayerKind.spatial_dims(kind)
+    return LayerCase(
+        label=label, kind=kind, weight_shape=weight_shape, input_shape=input_shape, bias=bias,
+        stride=stride or (1,) * n, padding=padding or (0,) * n, dilation=dilation or (1,) * n,
+        output_padding=output_padding or (0,) * n, groups=groups,
+    )
+
+
+#: Every layer configuration of the catalogue. Small shapes keep graph-mode compiles cheap; the
+#: variants cover groups, stride, dilation, padding, output_padding and missing bias.
+LAYERS: Tuple[LayerCase, ...] = (
+    LayerCase("linear", "linear", (4, 6), (3, 6)),
+    LayerCase("linear-nobias", "linear", (5, 3), (4, 3), bias=False),
+    _conv("conv1d", "conv1d", (6, 4, 3), (2, 4, 9), padding=(1,)),
+    _conv("conv1d-g2-s2-d2", "conv1d", (6, 2, 3), (2, 4, 11), stride=(2,), dilation=(2,), padding=(2,), groups=2),
+    _conv("conv2d", "conv2d", (4, 3, 3, 2), (2, 3, 6, 5), padding=(1, 0)),
+    _conv("conv2d-g2-s2-nobias", "conv2d", (4, 2, 3, 3), (2, 4, 7, 6), stride=(2, 1), groups=2, bias=False),
+    _conv("conv3d", "conv3d", (3, 2, 2, 3, 2), (1, 2, 4, 5, 4)),
+    _conv("conv_transpose1d", "conv_transpose1d", (4, 6, 3), (2, 4, 7)),
+    _conv("conv_transpose1d-g2-s2-op1", "conv_transpose1d", (4, 3, 4), (2, 4, 6), stride=(2,), padding=(1,),
+          output_padding=(1,), groups=2),
+    _conv("conv_transpose2d-s2", "conv_transpose2d", (3, 4, 3, 3), (2, 3, 4, 5), stride=(2, 2), padding=(1, 1)),
+    _conv("conv_transpose3d-s2", "conv_transpose3d", (2, 2, 2, 2, 2), (1, 2, 3, 3, 2), stride=(2, 2, 2)),
+    LayerCase("embedding", "embedding", (10, 5), (3, 4), bias=False),
+)
+
+
+def dims_for(ndim: int) -> Tuple[Optional[int], ...]:
+    """0, 1, last, a negative one, None and -1 (whole tensor), without repeating a value."""
+    dims: List[Optional[int]] = []
+    for dim in (0, 1, ndim - 1, -2, None, -1):
+        if dim not in dims:
+            dims.append(dim)
+    return tuple(dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    layer: LayerCase
+    dim: Optional[int]
+    dtype: str
+    device: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.layer.label}-dim{self.dim}-{self.dtype}-{self.device}"
+
+    @property
+    def seed(self) -> int:
+        # Independent of the device: every device sees the same numbers.
+        return zlib.crc32(f"{self.layer.label}-dim{self.dim}-{self.dtype}".encode())
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The case's data, rounded to its dtype (float32 storage for bfloat16; float64 stays float64).
+
+        ``weight``, ``bias`` (absent without bias), ``other_weight``/``other_bias`` (the values a fresh
+        layer starts from in the state round-trip), ``x`` (integer indices for Embedding),
+        ``grad_output`` and ``target`` (for the training steps).
+        """
+        rng = np.random.default_rng(self.seed)
+        layer = self.layer
+        fan_in = int(np.prod(layer.weight_shape[1:]))
+        scale = 1.0 if layer.kind == LayerKind.EMBEDDING else 1.0 / np.sqrt(fan_in)
+
+        def draw(shape, s=1.0):
+            return round_to_dtype(rng.standard_normal(shape) * s, self.dtype)
+
+        out = {"weight": draw(layer.weight_shape, scale), "other_weight": draw(layer.weight_shape, scale)}
+        if layer.bias:
+            out["bias"] = draw((layer.bias_size,), scale)
+            out["other_bias"] = draw((layer.bias_size,), scale)
+        if layer.kind == LayerKind.EMBEDDING:
+            out["x"] = rng.integers(0, layer.weight_shape[0], size=layer.input_shape).astype(np.int64)
+        else:
+            out["x"] = draw(layer.input_shape)
+        from .layers import output_shape
+
+        shape = output_shape(layer)
+        out["grad_output"] = draw(shape)
+        out["target"] = draw(shape)
+        return out
+
+
+def catalogue(dtypes: Iterable[str], devices: Iterable[str] = ("cpu",)) -> List[Case]:
+    """Every case for the given dtypes and devices, in a stable order."""
+    cases = []
+    for device in devices:
+        for dtype in dtypes:
+            for layer in LAYERS:
+                for dim in dims_for(len(layer.weight_shape)):
+                    cases.append(Case(layer, dim, dtype, device))
+    return cases

@@ -1,0 +1,47 @@
+"""xnorm: weight reparametrizations defined once and implemented identically for PyTorch, MindSpore and Flax.
+
+``import xnorm`` imports no framework; a backend is imported when it is first used.
+"""
+
+from . import reference, spec
+from .api import is_wrapped, remove, wrap
+from .errors import (
+    AlreadyWrappedError,
+    BackendDetectionError,
+    BackendNotInstalledError,
+    DimError,
+    MissingParameterError,
+    NonFloatingParameterError,
+    NotWrappedError,
+    OptionError,
+    UnknownBackendError,
+    UnsupportedLayerError,
+    XnormError,
+)
+from .registry import BackendInfo, backends, register_backend
+from .spec import WeightNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "wrap",
+    "remove",
+    "is_wrapped",
+    "backends",
+    "register_backend",
+    "BackendInfo",
+    "WeightNorm",
+    "reference",
+    "spec",
+    "XnormError",
+    "UnknownBackendError",
+    "BackendNotInstalledError",
+    "BackendDetectionError",
+    "UnsupportedLayerError",
+    "MissingParameterError",
+    "NonFloatingParameterError",
+    "DimError",
+    "AlreadyWrappedError",
+    "NotWrappedError",
+    "OptionError",
+]

@@ -1,0 +1,68 @@
+"""The one error hierarchy of xnorm.
+
+Every error names what is wrong and how to fix it. Each class also subclasses the builtin exception a
+user would catch for the same mistake (ValueError for a bad value, TypeError for a bad type,
+ImportError for a missing framework), so ``except ValueError`` keeps working around xnorm calls.
+
+A call that raises one of these has not modified the layer, model or checkpoint it was given.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "XnormError",
+    "UnknownBackendError",
+    "BackendNotInstalledError",
+    "BackendDetectionError",
+    "UnsupportedLayerError",
+    "MissingParameterError",
+    "NonFloatingParameterError",
+    "DimError",
+    "AlreadyWrappedError",
+    "NotWrappedError",
+    "OptionError",
+]
+
+
+class XnormError(Exception):
+    """Base class of every error xnorm raises on purpose."""
+
+
+class UnknownBackendError(XnormError, ValueError):
+    """``backend=`` names no registered backend."""
+
+
+class BackendNotInstalledError(XnormError, ImportError):
+    """The backend's framework cannot be imported in this environment."""
+
+
+class BackendDetectionError(XnormError, TypeError):
+    """``backend=None`` and no backend recognises the object's type."""
+
+
+class UnsupportedLayerError(XnormError, TypeError):
+    """The backend cannot reparametrize this kind of layer."""
+
+
+class MissingParameterError(XnormError, ValueError):
+    """The layer has no parameter under the requested name."""
+
+
+class NonFloatingParameterError(XnormError, TypeError):
+    """The parameter exists but is not floating point (float16, bfloat16, float32 or float64)."""
+
+
+class DimError(XnormError, ValueError):
+    """``dim`` is not None or an int inside the weight's range."""
+
+
+class AlreadyWrappedError(XnormError, ValueError):
+    """The parameter is already reparametrized (by xnorm or by the framework's own weight norm)."""
+
+
+class NotWrappedError(XnormError, ValueError):
+    """``remove`` was given an object with no xnorm-wrapped layer in it."""
+
+
+class OptionError(XnormError, ValueError):
+    """A keyword option (``eps``, ``fused``, ...) has a value outside its documented range."""

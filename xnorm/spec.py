@@ -1,0 +1,253 @@
+"""The framework-neutral definition of every reparametrization xnorm implements.
+
+This module is the single place for the facts every backend must agree on: how ``dim`` is read, the
+canonical (torch) weight layout of each layer kind and how a framework's storage layout maps onto it,
+which dtypes are accepted and in which precision the norm is computed, and the names g and v take.
+docs/spec.md explains the same choices in prose; :mod:`xnorm.reference` implements them in NumPy.
+
+Nothing here imports a framework, or NumPy.
+
+Weight normalization (Salimans & Kingma, 2016), as torch's ``_weight_norm`` computes it::
+
+    norm = sqrt(sum(v ** 2 over every axis except dim, kept as size-1 axes) [+ eps])
+    w    = v * (g / norm)
+
+* ``g`` has the weight's shape with every axis but ``dim`` reduced to size 1 (``keepdims``); with
+  ``dim=None`` (or ``-1``) it is a 0-d scalar and the norm runs over the whole tensor.
+* Initialisation preserves the layer's function: ``v = W`` and ``g = norm(W)``, so ``w == W``.
+* ``eps`` is ``None`` by default (torch's behaviour: a zero slice gives 0/0 = NaN). When given, it is
+  added under the square root, to the sum of squares, both in the forward and in ``g``'s
+  initialisation, so wrapping stays function-preserving.
+* float16 and bfloat16 weights: the norm and ``w`` are computed in float32 and ``w`` is cast back to the
+  weight's dtype once. float32 and float64 are computed as they are. Any other dtype is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Optional, Sequence, Tuple
+
+from .errors import DimError, NonFloatingParameterError, OptionError
+
+__all__ = [
+    "FLOATING_DTYPES",
+    "LOW_PRECISION_DTYPES",
+    "LayerKind",
+    "StorageLayout",
+    "Reparametrization",
+    "WeightNorm",
+    "normalize_dim",
+    "reduction_axes",
+    "compute_dtype",
+    "check_floating",
+]
+
+#: dtype names a reparametrized weight may have.
+FLOATING_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: dtypes whose norm is computed in float32 and whose ``w`` is cast back once.
+LOW_PRECISION_DTYPES = ("float16", "bfloat16")
+
+
+def check_floating(dtype_name: str, *, what: str) -> None:
+    """Raise :class:`NonFloatingParameterError` unless ``dtype_name`` is in :data:`FLOATING_DTYPES`."""
+    if dtype_name not in FLOATING_DTYPES:
+        raise NonFloatingParameterError(
+            f"{what} has dtype {dtype_name}; weight normalization needs a floating weight "
+            f"({', '.join(FLOATING_DTYPES)}). Cast the layer to a floating dtype first, or pass name= "
+            "to pick a floating parameter."
+        )
+
+
+def compute_dtype(dtype_name: str) -> str:
+    """The dtype the norm and ``w`` are computed in for a weight of ``dtype_name``."""
+    return "float32" if dtype_name in LOW_PRECISION_DTYPES else dtype_name
+
+
+def normalize_dim(dim: Optional[int], ndim: int) -> Optional[int]:
+    """Read a user's ``dim`` for a weight of ``ndim`` axes in the canonical layout.
+
+    Returns ``None`` for "one norm over the whole tensor" and otherwise an axis in ``[0, ndim)``.
+
+    * ``None`` and ``-1`` both mean the whole tensor (torch's rule: ``-1`` is **not** the last axis;
+      write ``ndim - 1`` for that).
+    * Other negative values count from the end: ``-2`` is axis ``ndim - 2``.
+    * Anything else outside ``[-ndim, ndim)``, a bool, or a non-integer raises :class:`DimError`.
+    """
+    if dim is None:
+        return None
+    if isinstance(dim, bool):
+        raise DimError(f"dim must be an int or None, got the bool {dim!r}. Pass dim=0 or dim=None.")
+    try:
+        dim = operator.index(dim)  # accepts NumPy integers and 0-d integer tensors
+    except TypeError:
+        raise DimError(
+            f"dim must be an int or None, got {dim!r} of type {type(dim).__name__}. "
+            "Pass dim=0 for the output-channel axis, or dim=None for one norm over the whole weight."
+        ) from None
+    if dim == -1:
+        return None
+    if not -ndim <= dim < ndim:
+        raise DimError(
+            f"dim={dim} is out of range for a weight with {ndim} axes (valid: {-ndim}..{ndim - 1}, or None). "
+            f"Note that dim=-1 means one norm over the whole weight, as in torch; the last axis is dim={ndim - 1}."
+        )
+    return dim % ndim
+
+
+def reduction_axes(dim: Optional[int], ndim: int) -> Tuple[int, ...]:
+    """Axes the norm sums over for an already normalized ``dim``: every axis but ``dim``."""
+    return tuple(axis for axis in range(ndim) if axis != dim)
+
+
+class LayerKind:
+    """Canonical (torch) weight layouts, the one way every backend reads ``dim``.
+
+    ============================  =====================================
+    kind                          canonical weight axes
+    ============================  =====================================
+    ``linear``                    (out, in)
+    ``conv1d/2d/3d``              (out, in/groups, *kernel)
+    ``conv_transpose1d/2d/3d``    (in, out/groups, *kernel)
+    ``embedding``                 (num_embeddings, features)
+    ``generic``                   the parameter's own axes
+    ============================  =====================================
+    """
+
+    LINEAR = "linear"
+    EMBEDDING = "embedding"
+    GENERIC = "generic"
+    CONV = tuple(f"conv{n}d" for n in (1, 2, 3))
+    CONV_TRANSPOSE = tuple(f"conv_transpose{n}d" for n in (1, 2, 3))
+    ALL = (LINEAR, *CONV, *CONV_TRANSPOSE, EMBEDDING, GENERIC)
+
+    @staticmethod
+    def spatial_dims(kind: str) -> int:
+        """Number of kernel axes of a conv kind (0 for the others)."""
+        return int(kind[-2]) if kind in LayerKind.CONV + LayerKind.CONV_TRANSPOSE else 0
+
+    @staticmethod
+    def axis_names(kind: str, ndim: int) -> Tuple[str, ...]:
+        """Readable names of the canonical axes, used in docs and error messages."""
+        if kind == LayerKind.LINEAR:
+            return ("out", "in")
+        if kind == LayerKind.EMBEDDING:
+            return ("num_embeddings", "features")
+        kernel = tuple(f"k{i}" for i in range(LayerKind.spatial_dims(kind)))
+        if kind in LayerKind.CONV:
+            return ("out", "in/groups") + kernel
+        if kind in LayerKind.CONV_TRANSPOSE:
+            return ("in", "out/groups") + kernel
+        return tuple(f"axis{i}" for i in range(ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageLayout:
+    """How a framework stores a weight relative to the canonical layout.
+
+    ``perm[i]`` is the canonical axis held by the i-th non-unit storage axis (NumPy's ``transpose``
+    convention), and ``unit_axes`` are positions in the storage shape of extra size-1 axes the framework
+    inserts (MindSpore keeps Conv1d weights as 4-D ``(out, in/groups, 1, k)``: ``perm=(0, 1, 2)``,
+    ``unit_axes=(2,)``). Flax's Dense kernel ``(in, out)`` is ``perm=(1, 0)``.
+    """
+
+    perm: Tuple[int, ...]
+    unit_axes: Tuple[int, ...] = ()
+
+    @staticmethod
+    def identity(ndim: int) -> "StorageLayout":
+        return StorageLayout(tuple(range(ndim)))
+
+    @property
+    def canonical_ndim(self) -> int:
+        return len(self.perm)
+
+    @property
+    def storage_ndim(self) -> int:
+        return len(self.perm) + len(self.unit_axes)
+
+    def _storage_positions(self) -> Tuple[int, ...]:
+        """Storage position of each entry of ``perm``."""
+        return tuple(p for p in range(self.storage_ndim) if p not in self.unit_axes)
+
+    def storage_axis(self, canonical_axis: int) -> int:
+        """Storage position of a canonical axis."""
+        return self._storage_positions()[self.perm.index(canonical_axis)]
+
+    def storage_dim(self, dim: Optional[int]) -> Optional[int]:
+        """A normalized canonical ``dim`` expressed in storage positions (None stays None)."""
+        return None if dim is None else self.storage_axis(dim)
+
+    def storage_reduction_axes(self, dim: Optional[int]) -> Tuple[int, ...]:
+        """Storage axes to sum over for a normalized canonical ``dim`` (unit axes included: harmless)."""
+        keep = self.storage_dim(dim)
+        return tuple(axis for axis in range(self.storage_ndim) if axis != keep)
+
+    def storage_shape(self, canonical_shape: Sequence[int]) -> Tuple[int, ...]:
+        shape = [canonical_shape[c] for c in self.perm]
+        for position in sorted(self.unit_axes):
+            shape.insert(position, 1)
+        return tuple(shape)
+
+    def canonical_shape(self, storage_shape: Sequence[int]) -> Tuple[int, ...]:
+        positions = self._storage_positions()
+        shape = [0] * self.canonical_ndim
+        for position, canonical_axis in zip(positions, self.perm):
+            shape[canonical_axis] = storage_shape[position]
+        return tuple(shape)
+
+    def to_storage(self, canonical_array):
+        """A NumPy(-like) array in canonical layout, rearranged to storage layout."""
+        out = canonical_array.transpose(self.perm)
+        return out.reshape(self.storage_shape(canonical_array.shape))
+
+    def to_canonical(self, storage_array):
+        """A NumPy(-like) array in storage layout, rearranged to canonical layout."""
+        squeezed = storage_array.reshape(
+            tuple(size for p, size in enumerate(storage_array.shape) if p not in self.unit_axes)
+        )
+        inverse = tuple(self.perm.index(c) for c in range(self.canonical_ndim))
+        return squeezed.transpose(inverse)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reparametrization:
+    """What a backend needs to know about a reparametrization, whatever its math.
+
+    ``trainable_suffixes`` name the trainable tensors that replace the wrapped parameter ``name``
+    (they are stored as ``name + suffix``). ``buffer_suffixes`` name non-trainable state (spectral
+    norm's power-iteration vectors); ``updates_buffers_in_training`` says that state changes on each
+    training-mode forward and never in eval mode. ``remove`` always materialises the weight once and
+    puts it back under ``name`` as an ordinary trainable parameter.
+    """
+
+    trainable_suffixes: Tuple[str, ...] = ()
+    buffer_suffixes: Tuple[str, ...] = ()
+    updates_buffers_in_training: bool = False
+
+    def trainable_names(self, name: str) -> Tuple[str, ...]:
+        return tuple(name + suffix for suffix in self.trainable_suffixes)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNorm(Reparametrization):
+    """``w = v * (g / norm_except_dim(v, dim))``; see the module docstring for every detail.
+
+    ``dim`` is read in the canonical layout (:class:`LayerKind`) and normalized by
+    :func:`normalize_dim` once the weight's rank is known; ``eps`` is None or a non-negative float.
+    g and v are called ``<name>_g`` and ``<name>_v`` (torch's legacy names), in that order.
+    """
+
+    dim: Optional[int] = 0
+    eps: Optional[float] = None
+    trainable_suffixes: Tuple[str, ...] = ("_g", "_v")
+
+    def __post_init__(self) -> None:
+        if self.eps is not None and (isinstance(self.eps, bool) or not float(self.eps) >= 0.0):
+            raise OptionError(
+                f"eps must be None or a non-negative float, got {self.eps!r}. "
+                "Leave eps=None for torch's behaviour, or pass a small value such as 1e-12."
+            )
+
+    def resolved_dim(self, ndim: int) -> Optional[int]:
+        return normalize_dim(self.dim, ndim)
