@@ -48,7 +48,7 @@ def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     bits = as_f32.view(np.uint32).astype(np.uint64)
     ties_to_even = ((bits >> 16) & 1) + 0x7FFF
     rounded = (((bits + ties_to_even) >> 16) << 16).astype(np.uint32).view(np.float32)
-    return np.where(np.isnan(as_f32), as_f32, rounded)
+    return np.where(np.isnan(as_f32), as_f32, rounded).reshape(np.shape(x))
 
 
 def _working_dtype(dtype: Optional[str]):

@@ -1,0 +1,171 @@
+"""The torch backend: weight normalization as a ``torch.nn.utils.parametrize`` parametrization.
+
+``xnorm.wrap(module, dim=0)`` registers :class:`WeightNormParametrization` on ``module.<name>``, in
+place, exactly where ``torch.nn.utils.parametrizations.weight_norm`` would put torch's own:
+
+* ``module.parametrizations.<name>.original0`` is g (shape: the weight's, every axis but ``dim``
+  reduced to 1; 0-d for ``dim=None``/``-1``), ``original1`` is v (the weight's shape);
+* ``state_dict`` keys are torch's (``parametrizations.weight.original0/1``), and a checkpoint with
+  the legacy ``weight_g``/``weight_v`` keys loads too;
+* the weight is ``torch._weight_norm(v, g, dim)``, the kernel torch's own weight norm calls with the
+  same ``dim``, so outputs and gradients are bit-equal to torch's.
+
+torch's layout is xnorm's canonical layout, so ``dim`` needs no mapping: any module with a floating
+parameter works (Linear, ConvNd, ConvTransposeNd, Embedding, custom modules).
+
+``xnorm.remove`` calls ``parametrize.remove_parametrizations(..., leave_parametrized=True)``: the
+module gets its original class back and a plain ``Parameter`` under ``<name>`` holding w, ready for
+``torch.jit.script``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from xnorm import registry
+from xnorm.api import _not_wrapped
+from xnorm.errors import (
+    AlreadyWrappedError,
+    MissingParameterError,
+    OptionError,
+    UnsupportedLayerError,
+)
+from xnorm.spec import WeightNorm, check_floating
+
+__all__ = ["TorchBackend", "WeightNormParametrization"]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class WeightNormParametrization(nn.Module):
+    """``w = v * (g / ||v||)`` with the norm over every axis except ``dim``.
+
+    ``dim`` is an int as the user gave it (``-1`` for the whole tensor): torch picks its fused kernel
+    for ``0`` and the last axis and the composite one otherwise, so keeping the user's value (rather
+    than a normalized one) keeps results bit-equal to torch's weight norm called with the same value.
+    With ``eps`` (not torch's), the norm is ``sqrt(sum(v**2) + eps)``, computed in float32 for
+    float16/bfloat16 weights.
+    """
+
+    def __init__(self, dim: int, eps: Optional[float], legacy_hook_id: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.legacy_hook_id = legacy_hook_id
+
+    def _norm_with_eps(self, weight: torch.Tensor) -> torch.Tensor:
+        work = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+        if self.dim == -1:
+            return torch.sqrt((work * work).sum() + self.eps)
+        axes = [axis for axis in range(weight.dim()) if axis != self.dim % weight.dim()]
+        return torch.sqrt((work * work).sum(dim=axes, keepdim=True) + self.eps)
+
+    def forward(self, weight_g: torch.Tensor, weight_v: torch.Tensor) -> torch.Tensor:
+        if self.eps is None:
+            return torch._weight_norm(weight_v, weight_g, self.dim)
+        norm = self._norm_with_eps(weight_v)
+        work = norm.dtype
+        return (weight_v.to(work) * (weight_g.to(work) / norm)).to(weight_v.dtype)
+
+    def right_inverse(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.eps is None:
+            weight_g = torch.norm_except_dim(weight, 2, self.dim)
+        else:
+            weight_g = self._norm_with_eps(weight).to(weight.dtype)
+        return weight_g, weight
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}"
+
+
+def _legacy_keys_hook(name: str):
+    """A load_state_dict pre-hook renaming ``<name>_g``/``<name>_v`` to torch's parametrization keys."""
+
+    def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        legacy_g, legacy_v = f"{prefix}{name}_g", f"{prefix}{name}_v"
+        if legacy_g in state_dict and legacy_v in state_dict:
+            state_dict[f"{prefix}parametrizations.{name}.original0"] = state_dict.pop(legacy_g)
+            state_dict[f"{prefix}parametrizations.{name}.original1"] = state_dict.pop(legacy_v)
+
+    return hook
+
+
+def _xnorm_parametrizations(module: nn.Module) -> List[str]:
+    """Names of the tensors of ``module`` (itself, not its children) that xnorm wrapped."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [
+        name for name, stack in module.parametrizations.items()
+        if any(isinstance(p, WeightNormParametrization) for p in stack)
+    ]
+
+
+class TorchBackend(registry.Backend):
+    name = "torch"
+
+    def owns(self, obj: Any) -> bool:
+        return isinstance(obj, nn.Module)
+
+    def is_wrapped(self, obj: Any) -> bool:
+        return bool(_xnorm_parametrizations(obj))
+
+    def _check(self, module: nn.Module, name: str) -> torch.Tensor:
+        """Every reason ``wrap`` could refuse, checked before anything changes."""
+        if parametrize.is_parametrized(module, name):
+            what = "xnorm" if name in _xnorm_parametrizations(module) else "another parametrization"
+            raise AlreadyWrappedError(
+                f"{type(module).__name__}.{name} is already parametrized (by {what}). Call xnorm.remove(module) "
+                "or torch.nn.utils.parametrize.remove_parametrizations(module, name) first."
+            )
+        if name not in module._parameters and f"{name}_g" in module._parameters and f"{name}_v" in module._parameters:
+            raise AlreadyWrappedError(
+                f"{type(module).__name__} already has torch's legacy weight norm on {name!r} ({name}_g, {name}_v). "
+                f"Call torch.nn.utils.remove_weight_norm(module, {name!r}) first."
+            )
+        weight = module._parameters.get(name)
+        if weight is None:
+            floating = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
+            where = " (it is a buffer, not a parameter)" if name in module._buffers else ""
+            raise MissingParameterError(
+                f"{type(module).__name__} has no parameter {name!r}{where}; its own floating parameters are "
+                f"{floating or 'none'}. Pass name= one of them, or wrap the submodule that owns the weight."
+            )
+        check_floating(dtype_name(weight.dtype), what=f"{type(module).__name__}.{name}")
+        return weight
+
+    def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str] = None, **options: Any) -> nn.Module:
+        if options:
+            raise OptionError(f"the torch backend takes no option(s) {sorted(options)}; remove them.")
+        name = "weight" if name is None else name
+        weight = self._check(layer, name)
+        spec.resolved_dim(weight.dim())  # raises DimError before anything changes
+        torch_dim = -1 if spec.dim is None else int(spec.dim)
+        parametrization = WeightNormParametrization(torch_dim, spec.eps)
+        parametrize.register_parametrization(layer, name, parametrization, unsafe=True)
+        handle = layer.register_load_state_dict_pre_hook(_legacy_keys_hook(name))
+        parametrization.legacy_hook_id = handle.id
+        return layer
+
+    def remove(self, obj: Any, *args: Any) -> nn.Module:
+        if args:
+            raise OptionError("xnorm.remove takes no extra arguments for torch modules; call xnorm.remove(module).")
+        targets = [(module, name) for module in obj.modules() for name in _xnorm_parametrizations(module)]
+        if not targets:
+            raise _not_wrapped(obj)
+        for module, name in targets:
+            if len(module.parametrizations[name]) != 1:
+                raise UnsupportedLayerError(
+                    f"{type(module).__name__}.{name} has other parametrizations stacked on xnorm's weight norm; "
+                    "remove them first with torch.nn.utils.parametrize.remove_parametrizations."
+                )
+        for module, name in targets:
+            hook_id = module.parametrizations[name][0].legacy_hook_id
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+            module._load_state_dict_pre_hooks.pop(hook_id, None)
+        return obj

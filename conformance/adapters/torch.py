@@ -1,0 +1,147 @@
+"""Conformance adapter for the torch backend (eager mode; CPU, and CUDA where present)."""
+
+from __future__ import annotations
+
+import io
+import weakref
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+import xnorm
+from xnorm.spec import LayerKind
+
+from ..adapter import Adapter
+from ..cases import LayerCase
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEVICES = {"cpu": "cpu", "gpu": "cuda"}
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.numpy().astype(np.float64)
+
+
+def build_torch_layer(layer: LayerCase) -> nn.Module:
+    """The torch module a catalogue layer describes (random values; the adapter overwrites them)."""
+    if layer.kind == LayerKind.LINEAR:
+        return nn.Linear(layer.weight_shape[1], layer.weight_shape[0], bias=layer.bias)
+    if layer.kind == LayerKind.EMBEDDING:
+        return nn.Embedding(*layer.weight_shape)
+    n = layer.spatial
+    common = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                  bias=layer.bias)
+    if layer.kind in LayerKind.CONV:
+        conv = getattr(nn, f"Conv{n}d")
+        return conv(layer.in_channels, layer.out_channels, layer.kernel_size, **common)
+    conv_transpose = getattr(nn, f"ConvTranspose{n}d")
+    return conv_transpose(layer.in_channels, layer.out_channels, layer.kernel_size,
+                          output_padding=layer.output_padding, **common)
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+    backend = "torch"
+    dtypes = ("float32", "float64", "bfloat16")
+    devices = ("cpu", "gpu")
+
+    def __init__(self) -> None:
+        self._device = "cpu"
+        self._dtype: Dict[int, torch.dtype] = {}
+        self._optimizers: "weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer]" = weakref.WeakKeyDictionary()
+
+    def versions(self) -> Dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def supports_device(self, device: str) -> bool:
+        return device == "cpu" or (device == "gpu" and torch.cuda.is_available())
+
+    def setup(self, device: str) -> None:
+        self._device = _DEVICES[device]
+
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self._device, dtype)
+
+    def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> nn.Module:
+        module = build_torch_layer(layer).to(self._device, _DTYPES[dtype])
+        with torch.no_grad():
+            module.weight.copy_(self._tensor(weight, _DTYPES[dtype]))
+            if bias is not None:
+                module.bias.copy_(self._tensor(bias, _DTYPES[dtype]))
+        return module
+
+    def wrap(self, handle: nn.Module, dim: Optional[int]) -> nn.Module:
+        return xnorm.wrap(handle, dim=dim)
+
+    def remove(self, handle: nn.Module) -> nn.Module:
+        return xnorm.remove(handle)
+
+    def parameters(self, handle: nn.Module) -> Dict[str, np.ndarray]:
+        if xnorm.is_wrapped(handle):
+            originals = handle.parametrizations.weight
+            out = {"g": _to_numpy(originals.original0), "v": _to_numpy(originals.original1)}
+        else:
+            out = {"weight": _to_numpy(handle.weight)}
+        if getattr(handle, "bias", None) is not None:
+            out["bias"] = _to_numpy(handle.bias)
+        return out
+
+    def parameter_names(self, handle: nn.Module) -> List[str]:
+        return [name for name, _ in handle.named_parameters()]
+
+    def weight(self, handle: nn.Module) -> np.ndarray:
+        with torch.no_grad():
+            return _to_numpy(handle.weight)
+
+    def _input(self, handle: nn.Module, x: np.ndarray) -> torch.Tensor:
+        if isinstance(handle, nn.Embedding):
+            return torch.from_numpy(x).to(self._device)
+        return self._tensor(x, next(handle.parameters()).dtype)
+
+    def forward(self, handle: nn.Module, x: np.ndarray, *, training: bool = True) -> np.ndarray:
+        if training:
+            handle.train()
+            return _to_numpy(handle(self._input(handle, x)))
+        handle.eval()
+        try:
+            with torch.inference_mode():
+                return _to_numpy(handle(self._input(handle, x)))
+        finally:
+            handle.train()
+
+    def _wrapped_tensors(self, handle: nn.Module) -> Dict[str, torch.Tensor]:
+        tensors = {"g": handle.parametrizations.weight.original0, "v": handle.parametrizations.weight.original1}
+        if getattr(handle, "bias", None) is not None:
+            tensors["bias"] = handle.bias
+        return tensors
+
+    def gradients(self, handle: nn.Module, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
+        handle.zero_grad(set_to_none=True)
+        y = handle(self._input(handle, x))
+        y.backward(self._tensor(grad_output, y.dtype))
+        grads = {key: _to_numpy(t.grad) for key, t in self._wrapped_tensors(handle).items()}
+        handle.zero_grad(set_to_none=True)
+        return grads
+
+    def sgd_step(self, handle: nn.Module, x: np.ndarray, target: np.ndarray, lr: float) -> nn.Module:
+        optimizer = self._optimizers.get(handle)
+        if optimizer is None:
+            optimizer = self._optimizers[handle] = torch.optim.SGD(handle.parameters(), lr=lr)
+        optimizer.zero_grad(set_to_none=True)
+        y = handle(self._input(handle, x))
+        loss = 0.5 * ((y - self._tensor(target, y.dtype)) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        return handle
+
+    def state_roundtrip(self, handle: nn.Module, fresh: nn.Module) -> nn.Module:
+        buffer = io.BytesIO()
+        torch.save(handle.state_dict(), buffer)
+        buffer.seek(0)
+        fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
+        return fresh
