@@ -101,7 +101,8 @@ def _xnorm_parametrizations(module: nn.Module) -> List[str]:
     if not parametrize.is_parametrized(module):
         return []
     return [
-        name for name, stack in module.parametrizations.items()
+        name
+        for name, stack in module.parametrizations.items()
         if any(isinstance(p, WeightNormParametrization) for p in stack)
     ]
 

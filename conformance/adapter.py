@@ -50,7 +50,7 @@ class Adapter(abc.ABC):
     def supports_device(self, device: str) -> bool:
         """True when ``device`` ("cpu", "gpu", "ascend") is present and usable in this process."""
 
-    def setup(self, device: str) -> None:
+    def setup(self, device: str) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called once before the cases of ``device`` run (select the device, set graph mode...)."""
 
     # -- life cycle -------------------------------------------------------------------------------

@@ -64,13 +64,31 @@ class LayerCase:
         return self.out_channels
 
 
-def _conv(label, kind, weight_shape, input_shape, *, stride=None, padding=None, dilation=None,
-          output_padding=None, groups=1, bias=True) -> LayerCase:
+def _conv(
+    label,
+    kind,
+    weight_shape,
+    input_shape,
+    *,
+    stride=None,
+    padding=None,
+    dilation=None,
+    output_padding=None,
+    groups=1,
+    bias=True,
+) -> LayerCase:
     n = LayerKind.spatial_dims(kind)
     return LayerCase(
-        label=label, kind=kind, weight_shape=weight_shape, input_shape=input_shape, bias=bias,
-        stride=stride or (1,) * n, padding=padding or (0,) * n, dilation=dilation or (1,) * n,
-        output_padding=output_padding or (0,) * n, groups=groups,
+        label=label,
+        kind=kind,
+        weight_shape=weight_shape,
+        input_shape=input_shape,
+        bias=bias,
+        stride=stride or (1,) * n,
+        padding=padding or (0,) * n,
+        dilation=dilation or (1,) * n,
+        output_padding=output_padding or (0,) * n,
+        groups=groups,
     )
 
 
@@ -85,8 +103,16 @@ LAYERS: Tuple[LayerCase, ...] = (
     _conv("conv2d-g2-s2-nobias", "conv2d", (4, 2, 3, 3), (2, 4, 7, 6), stride=(2, 1), groups=2, bias=False),
     _conv("conv3d", "conv3d", (3, 2, 2, 3, 2), (1, 2, 4, 5, 4)),
     _conv("conv_transpose1d", "conv_transpose1d", (4, 6, 3), (2, 4, 7)),
-    _conv("conv_transpose1d-g2-s2-op1", "conv_transpose1d", (4, 3, 4), (2, 4, 6), stride=(2,), padding=(1,),
-          output_padding=(1,), groups=2),
+    _conv(
+        "conv_transpose1d-g2-s2-op1",
+        "conv_transpose1d",
+        (4, 3, 4),
+        (2, 4, 6),
+        stride=(2,),
+        padding=(1,),
+        output_padding=(1,),
+        groups=2,
+    ),
     _conv("conv_transpose2d-s2", "conv_transpose2d", (3, 4, 3, 3), (2, 3, 4, 5), stride=(2, 2), padding=(1, 1)),
     _conv("conv_transpose3d-s2", "conv_transpose3d", (2, 2, 2, 2, 2), (1, 2, 3, 3, 2), stride=(2, 2, 2)),
     LayerCase("embedding", "embedding", (10, 5), (3, 4), bias=False),

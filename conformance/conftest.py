@@ -18,10 +18,18 @@ from xnorm.conformance.runner import SuiteRun
 
 def pytest_addoption(parser):
     group = parser.getgroup("xnorm conformance")
-    group.addoption("--backend", action="append", default=None,
-                    help="backend, adapter or module:Class to run (repeatable; default: every installed backend)")
-    group.addoption("--device", action="append", default=None,
-                    help="cpu, gpu or ascend (repeatable; default: cpu). Absent devices are reported as not run.")
+    group.addoption(
+        "--backend",
+        action="append",
+        default=None,
+        help="backend, adapter or module:Class to run (repeatable; default: every installed backend)",
+    )
+    group.addoption(
+        "--device",
+        action="append",
+        default=None,
+        help="cpu, gpu or ascend (repeatable; default: cpu). Absent devices are reported as not run.",
+    )
     group.addoption("--results-dir", default="conformance-results", help="where each adapter's results are saved")
 
 
@@ -69,4 +77,6 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter, config):
     for folder in getattr(config, "_xnorm_saved", []):
-        terminalreporter.write_line(f"xnorm conformance results saved in {folder} (report.md, summary.json, arrays.npz)")
+        terminalreporter.write_line(
+            f"xnorm conformance results saved in {folder} (report.md, summary.json, arrays.npz)"
+        )

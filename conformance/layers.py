@@ -34,11 +34,22 @@ def output_shape(layer: LayerCase) -> Tuple[int, ...]:
         return tuple(layer.input_shape) + (layer.weight_shape[1],)
     n, _, *spatial = layer.input_shape
     if layer.kind in LayerKind.CONV:
-        sizes = [_conv_out(*a) for a in zip(spatial, layer.kernel_size, layer.stride, layer.padding, layer.dilation)]
+        sizes = [
+            _conv_out(*a)
+            for a in zip(spatial, layer.kernel_size, layer.stride, layer.padding, layer.dilation, strict=True)
+        ]
     else:
         sizes = [
             _conv_transpose_out(*a)
-            for a in zip(spatial, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.output_padding)
+            for a in zip(
+                spatial,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.output_padding,
+                strict=True,
+            )
         ]
     return (n, layer.out_channels, *sizes)
 
@@ -52,7 +63,9 @@ def _window(offset, dilation, stride, count):
 def _conv_taps(layer: LayerCase, spatial_out):
     """(kernel offset, slice tuple into the padded input / full output) for every kernel position."""
     for offset in itertools.product(*(range(k) for k in layer.kernel_size)):
-        index = tuple(_window(o, d, s, c) for o, d, s, c in zip(offset, layer.dilation, layer.stride, spatial_out))
+        index = tuple(
+            _window(o, d, s, c) for o, d, s, c in zip(offset, layer.dilation, layer.stride, spatial_out, strict=True)
+        )
         yield offset, index
 
 
@@ -90,13 +103,15 @@ def _conv_transpose_full(layer, x):
     n, _, *spatial = x.shape
     return (n, layer.out_channels) + tuple(
         (i - 1) * s + d * (k - 1) + 1 + op
-        for i, s, d, k, op in zip(spatial, layer.stride, layer.dilation, layer.kernel_size, layer.output_padding)
+        for i, s, d, k, op in zip(
+            spatial, layer.stride, layer.dilation, layer.kernel_size, layer.output_padding, strict=True
+        )
     )
 
 
 def _crop(layer, full_shape):
     return (slice(None), slice(None)) + tuple(
-        slice(p, size - p) for p, size in zip(layer.padding, full_shape[2:])
+        slice(p, size - p) for p, size in zip(layer.padding, full_shape[2:], strict=True)
     )
 
 

@@ -56,7 +56,8 @@ def adapter_report(summary: dict) -> str:
         f"devices: {', '.join(summary['devices']) or 'none'}; dtypes: {', '.join(summary['dtypes'])}; "
         f"tolerance table v{summary['tolerance_version']}; {summary['platform']}",
         "",
-        "cases: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("passed", "failed", "error", "xfail", "xpass", "not-run")),
+        "cases: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("passed", "failed", "error", "xfail", "xpass", "not-run")),
         "",
     ]
     worst: Dict[Tuple[str, str], dict] = {}
@@ -71,16 +72,36 @@ def adapter_report(summary: dict) -> str:
     rows = []
     for (name, dtype), entry in worst.items():
         check = entry["check"]
-        rows.append([
-            name, dtype, check["quantity"], f"{entry['passed']}/{entry['n']}", _fmt(check["max_abs"]),
-            _fmt(check["max_rel"]), f"rtol {check['rtol']:g}, atol {check['atol']:g}", _fmt(check["ratio"]),
-            entry["id"] if check["ratio"] > 0 else "",
-        ])
+        rows.append(
+            [
+                name,
+                dtype,
+                check["quantity"],
+                f"{entry['passed']}/{entry['n']}",
+                _fmt(check["max_abs"]),
+                _fmt(check["max_rel"]),
+                f"rtol {check['rtol']:g}, atol {check['atol']:g}",
+                _fmt(check["ratio"]),
+                entry["id"] if check["ratio"] > 0 else "",
+            ]
+        )
     if rows:
-        lines.append(_table(
-            ["check", "dtype", "quantity", "passed", "worst abs err", "worst rel err", "tolerance", "err/allowed", "worst case"],
-            rows,
-        ))
+        lines.append(
+            _table(
+                [
+                    "check",
+                    "dtype",
+                    "quantity",
+                    "passed",
+                    "worst abs err",
+                    "worst rel err",
+                    "tolerance",
+                    "err/allowed",
+                    "worst case",
+                ],
+                rows,
+            )
+        )
     problems = [case for case in summary["cases"] if case["status"] in ("failed", "error", "xpass")]
     if problems:
         lines += ["", "### Failures", ""]
@@ -139,10 +160,14 @@ def cross_report(results_dir: Path) -> Tuple[str, bool]:
                 if key not in arr_a or key not in arr_b:
                     continue
                 rtol, atol = cross_tolerance(dtype, quantity)
-                result = compare(arr_a[key], arr_b[key], rtol, atol) if arr_a[key].shape == arr_b[key].shape else {
-                    "max_abs": float("inf"), "ratio": float("inf"), "passed": False}
-                entry = worst.setdefault((quantity, dtype), {"n": 0, "bad": 0, "ratio": 0.0, "abs": 0.0, "id": "",
-                                                             "tol": (rtol, atol)})
+                result = (
+                    compare(arr_a[key], arr_b[key], rtol, atol)
+                    if arr_a[key].shape == arr_b[key].shape
+                    else {"max_abs": float("inf"), "ratio": float("inf"), "passed": False}
+                )
+                entry = worst.setdefault(
+                    (quantity, dtype), {"n": 0, "bad": 0, "ratio": 0.0, "abs": 0.0, "id": "", "tol": (rtol, atol)}
+                )
                 entry["n"] += 1
                 entry["bad"] += not result["passed"]
                 if result["ratio"] >= entry["ratio"]:
@@ -151,13 +176,21 @@ def cross_report(results_dir: Path) -> Tuple[str, bool]:
             rows.append([f"{name_a} vs {name_b}", "-", "-", "0", "-", "-", "-", "no case passed in both"])
         for (quantity, dtype), entry in sorted(worst.items()):
             all_agree &= entry["bad"] == 0
-            rows.append([
-                f"{name_a} vs {name_b}", quantity, dtype, f"{entry['n'] - entry['bad']}/{entry['n']}",
-                _fmt(entry["abs"]), f"rtol {entry['tol'][0]:g}, atol {entry['tol'][1]:g}", _fmt(entry["ratio"]),
-                entry["id"] if entry["ratio"] > 0 else "",
-            ])
-    lines.append(_table(["pair", "quantity", "dtype", "agree", "worst abs diff", "tolerance", "diff/allowed", "worst"],
-                        rows))
+            rows.append(
+                [
+                    f"{name_a} vs {name_b}",
+                    quantity,
+                    dtype,
+                    f"{entry['n'] - entry['bad']}/{entry['n']}",
+                    _fmt(entry["abs"]),
+                    f"rtol {entry['tol'][0]:g}, atol {entry['tol'][1]:g}",
+                    _fmt(entry["ratio"]),
+                    entry["id"] if entry["ratio"] > 0 else "",
+                ]
+            )
+    lines.append(
+        _table(["pair", "quantity", "dtype", "agree", "worst abs diff", "tolerance", "diff/allowed", "worst"], rows)
+    )
     return "\n".join(lines) + "\n", all_agree
 
 

@@ -35,13 +35,13 @@ import json
 import platform
 import sys
 import time
-import tomllib
 import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+import tomllib
 
 from xnorm import reference
 from xnorm.reference import round_to_dtype
@@ -137,7 +137,9 @@ class CaseResult:
         return self.status in ("passed", "xfail", "not-run")
 
     def failures(self) -> List[str]:
-        return [f"{c.check}: {c.detail} (worst error/allowed {c.ratio:.3g})" for c in self.checks.values() if not c.passed]
+        return [
+            f"{c.check}: {c.detail} (worst error/allowed {c.ratio:.3g})" for c in self.checks.values() if not c.passed
+        ]
 
     def to_json(self) -> dict:
         return {
@@ -248,8 +250,9 @@ def run_case(adapter: Adapter, case: Case, expected_failures: Sequence[ExpectedF
     return result
 
 
-def _life_cycle(adapter: Adapter, case: Case, checks: Dict[str, CheckResult], saved: Dict[str, np.ndarray],
-                stage: List[str]):
+def _life_cycle(
+    adapter: Adapter, case: Case, checks: Dict[str, CheckResult], saved: Dict[str, np.ndarray], stage: List[str]
+):
     """The steps of :func:`run_case`; ``stage[0]`` names the check in progress, to blame a crash on."""
     data = case.arrays()
     layer, dim, dtype = case.layer, case.dim, case.dtype
@@ -341,7 +344,9 @@ class SuiteRun:
 
     def __init__(self, adapter: Adapter, *, expected_failures: Optional[Sequence[ExpectedFailure]] = None):
         self.adapter = adapter
-        self.expected_failures = list(load_expected_failures(adapter) if expected_failures is None else expected_failures)
+        self.expected_failures = list(
+            load_expected_failures(adapter) if expected_failures is None else expected_failures
+        )
         self.results: List[CaseResult] = []
         self._ready_device: Optional[str] = None
 
@@ -394,8 +399,9 @@ class SuiteRun:
 _ACTIVE: Dict[str, Adapter] = {}
 
 
-def run_suite(adapter: Adapter, *, devices: Iterable[str] = ("cpu",), cases: Optional[Iterable[Case]] = None,
-              progress=None) -> SuiteRun:
+def run_suite(
+    adapter: Adapter, *, devices: Iterable[str] = ("cpu",), cases: Optional[Iterable[Case]] = None, progress=None
+) -> SuiteRun:
     """Run every catalogue case (for the adapter's dtypes and ``devices``) and return the results."""
     suite = SuiteRun(adapter)
     for case in cases if cases is not None else catalogue(adapter.dtypes, devices):

@@ -11,8 +11,15 @@ from .spec import WeightNorm
 __all__ = ["wrap", "remove", "is_wrapped"]
 
 
-def wrap(layer: Any, backend: Optional[str] = None, *, name: Optional[str] = None, dim: Optional[int] = 0,
-         eps: Optional[float] = None, **options: Any) -> Any:
+def wrap(
+    layer: Any,
+    backend: Optional[str] = None,
+    *,
+    name: Optional[str] = None,
+    dim: Optional[int] = 0,
+    eps: Optional[float] = None,
+    **options: Any,
+) -> Any:
     """Reparametrize ``layer``'s weight as ``w = v * (g / ||v||)`` (weight normalization).
 
     Args:

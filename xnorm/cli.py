@@ -39,13 +39,13 @@ def _conformance(args) -> int:
     ok = True
     for name in names:
         adapter = load_adapter(name)
-        done = [0]
 
-        def progress(result, adapter=adapter):
-            done[0] += 1
+        def progress(result):
             if not args.quiet and result.status not in ("passed", "not-run", "xfail"):
-                print(f"  {result.status}: {result.case.id}: {'; '.join(result.failures()) or result.reason}",
-                      file=sys.stderr)
+                print(
+                    f"  {result.status}: {result.case.id}: {'; '.join(result.failures()) or result.reason}",
+                    file=sys.stderr,
+                )
 
         print(f"running {name} on {', '.join(args.device)} ...", file=sys.stderr)
         suite = run_suite(adapter, devices=args.device, progress=progress)

@@ -87,7 +87,8 @@ def weight_norm(
     """``w = v * (g / norm_except_dim(v, dim))``, in float64 or as the spec computes ``dtype``."""
     work = _working_dtype(dtype)
     norm = norm_except_dim(v, dim, eps=eps, dtype=dtype)
-    w = np.asarray(v).astype(work) * (np.asarray(g).astype(work) / norm)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero slice gives NaN, as the spec says
+        w = np.asarray(v).astype(work) * (np.asarray(g).astype(work) / norm)
     return _finish(w, dtype)
 
 

@@ -155,7 +155,7 @@ class StorageLayout:
     unit_axes: Tuple[int, ...] = ()
 
     @staticmethod
-    def identity(ndim: int) -> "StorageLayout":
+    def identity(ndim: int) -> StorageLayout:
         return StorageLayout(tuple(range(ndim)))
 
     @property
@@ -192,7 +192,7 @@ class StorageLayout:
     def canonical_shape(self, storage_shape: Sequence[int]) -> Tuple[int, ...]:
         positions = self._storage_positions()
         shape = [0] * self.canonical_ndim
-        for position, canonical_axis in zip(positions, self.perm):
+        for position, canonical_axis in zip(positions, self.perm, strict=True):
             shape[canonical_axis] = storage_shape[position]
         return tuple(shape)
 

@@ -34,14 +34,16 @@ def build_torch_layer(layer: LayerCase) -> nn.Module:
     if layer.kind == LayerKind.EMBEDDING:
         return nn.Embedding(*layer.weight_shape)
     n = layer.spatial
-    common = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                  bias=layer.bias)
+    common = dict(
+        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias
+    )
     if layer.kind in LayerKind.CONV:
         conv = getattr(nn, f"Conv{n}d")
         return conv(layer.in_channels, layer.out_channels, layer.kernel_size, **common)
     conv_transpose = getattr(nn, f"ConvTranspose{n}d")
-    return conv_transpose(layer.in_channels, layer.out_channels, layer.kernel_size,
-                          output_padding=layer.output_padding, **common)
+    return conv_transpose(
+        layer.in_channels, layer.out_channels, layer.kernel_size, output_padding=layer.output_padding, **common
+    )
 
 
 class TorchAdapter(Adapter):
@@ -53,7 +55,7 @@ class TorchAdapter(Adapter):
     def __init__(self) -> None:
         self._device = "cpu"
         self._dtype: Dict[int, torch.dtype] = {}
-        self._optimizers: "weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer]" = weakref.WeakKeyDictionary()
+        self._optimizers: weakref.WeakKeyDictionary[nn.Module, torch.optim.Optimizer] = weakref.WeakKeyDictionary()
 
     def versions(self) -> Dict[str, str]:
         return {"torch": torch.__version__}

@@ -1,0 +1,60 @@
+"""One virtualenv per backend: MindSpore needs NumPy < 2 and JAX NumPy >= 2, so they never share one.
+
+    nox -t test     lint, every backend's tests and conformance suite, then the cross-backend comparison
+    nox -t report   every backend's conformance run, then the combined report (conformance-results/report.md)
+    nox -s tests-torch / tests-mindspore / tests-flax / cross / lint
+
+Backends compare through files: each run saves conformance-results/<adapter>/, and `cross` reads them.
+Pass a device to the conformance runs with `nox -t report -- --device gpu`.
+"""
+
+from pathlib import Path
+
+import nox
+
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+RESULTS = str(ROOT / "conformance-results")
+BACKENDS = ("torch", "mindspore", "flax")
+# torch rides along in every environment: the torch tests are the reference for porting checks.
+EXTRAS = {"torch": "torch,test", "mindspore": "mindspore,torch,test", "flax": "flax,torch,test"}
+
+
+def _install(session, backend):
+    session.install("-c", f"constraints/{backend}-cpu.txt", f".[{EXTRAS[backend]}]")
+
+
+def _device_args(session):
+    return list(session.posargs) or ["--device", "cpu"]
+
+
+@nox.session(tags=["test"])
+def lint(session):
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", "xnorm", "backends", "conformance", "tests", "noxfile.py")
+
+
+for _backend in BACKENDS:
+
+    @nox.session(name=f"tests-{_backend}", tags=["test"])
+    def tests(session, backend=_backend):
+        """Core tests, the backend's own tests and its conformance catalogue (results saved for `cross`)."""
+        _install(session, backend)
+        session.run("pytest", "tests/core", f"tests/{backend}", "-q")
+        session.run(
+            "pytest", "conformance", "--backend", backend, "--results-dir", RESULTS, "-q", *_device_args(session)
+        )
+
+    @nox.session(name=f"conformance-{_backend}", tags=["report"])
+    def conformance(session, backend=_backend):
+        """The backend's conformance report (markdown on the terminal, files under conformance-results/)."""
+        _install(session, backend)
+        session.run("xnorm", "conformance", "--backend", backend, "--results-dir", RESULTS, *_device_args(session))
+
+
+@nox.session(tags=["test", "report"])
+def cross(session):
+    """Compare every saved backend run pairwise; writes conformance-results/report.md."""
+    session.install(".")
+    session.run("xnorm", "report", "--results-dir", RESULTS)
