@@ -1,0 +1,509 @@
+"""MindSpore backend: weight normalization as a Cell that computes ``w`` in its own ``construct``.
+
+``xnorm.wrap(layer, backend="mindspore", dim=0)`` returns a :class:`WeightNormCell` around a
+``mindspore.nn`` layer. On every call the wrapper computes ::
+
+    norm = sqrt(sum(v ** 2 over every axis except dim, keepdims) [+ eps])
+    w    = v * (g / norm)
+
+and runs the layer's own primitive (``MatMul``, ``Conv2D``, ``Conv2DBackpropInput``...) on ``w``. Because
+``w`` is an ordinary value of the compiled graph, automatic differentiation carries ``dL/dw`` back to
+``g`` and ``v`` in GRAPH_MODE, in PYNATIVE_MODE and inside ``mindspore.jit`` functions. The pattern
+this replaces (``ops.Assign(inner.weight, g * v / ||v||)`` followed by ``inner(x)``) has no such path:
+the gradient lands on ``inner.weight``, which the next call overwrites, and ``g`` and ``v`` get zeros.
+
+Parameters and names
+    The wrapper's trainable parameters are exactly ``<name>_g``, ``<name>_v`` and the layer's other
+    parameters under their own names (``weight_g``, ``weight_v``, ``bias``; ``embedding_table_g`` and
+    ``embedding_table_v`` for an Embedding), so that once it is attached as ``net.conv`` they read
+    ``conv.weight_g``, ``conv.weight_v``, ``conv.bias`` like torch's legacy ``weight_norm``. The wrapped
+    layer itself is held outside the Cell tree: its old ``weight`` is not a parameter of the wrapper and
+    does not appear in checkpoints.
+
+Layouts
+    ``dim`` is read in the canonical (torch) layout of :class:`xnorm.spec.LayerKind`. MindSpore stores
+    Conv1d weights as ``(out, in/groups, 1, k)`` and Conv1dTranspose weights as ``(in, out/groups, 1, k)``;
+    the extra unit axis is skipped (``StorageLayout(perm=(0, 1, 2), unit_axes=(2,))``), so ``dim=2``
+    means the kernel axis, as on a torch Conv1d. ``g`` and ``v`` keep MindSpore's storage rank: ``v`` has
+    the weight's stored shape and ``g`` that shape with every axis but ``dim`` reduced to 1 (a 0-d
+    scalar for ``dim=None``/``-1``). All other layers store the canonical layout unchanged.
+
+Precision
+    float16 and bfloat16 weights: ``g`` and ``v`` keep the weight's dtype, the norm and ``w`` are
+    computed in float32 and ``w`` is cast back to the weight's dtype once. float32 and float64 are
+    computed as they are. MindSpore 2.10's CPU kernels run convolutions in float16 and float32 only (no
+    float64, no bfloat16) and MatMul in float16/float32/float64; those limits are MindSpore's, not the
+    wrapper's.
+
+Removal and compiled graphs
+    ``xnorm.remove(wrapper)`` returns the original layer object with ``weight`` replaced by a new
+    Parameter holding ``w``. ``xnorm.remove(model)`` swaps every wrapper inside ``model`` for its plain
+    layer in place. MindSpore caches a compiled graph per Cell under a key made of the Cell's
+    ``create_time``, its ``id`` and its argument signature, and does not look at child Cells again:
+    after a child is swapped, the old graph would keep running. ``remove`` therefore gives ``model``
+    and every Cell inside it a new ``create_time``, which makes the next call compile afresh. Cells
+    *outside* ``model`` (a larger network holding it, a ``mindspore.jit`` function closing over it) are
+    not reachable from ``model``: call ``remove`` on the outermost Cell you call, and rebuild jit
+    functions after removing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import mindspore
+from mindspore import Parameter, Tensor, nn, ops
+
+from xnorm.api import _not_wrapped
+from xnorm.errors import (
+    AlreadyWrappedError,
+    BackendDetectionError,
+    MissingParameterError,
+    OptionError,
+    UnsupportedLayerError,
+)
+from xnorm.registry import Backend
+from xnorm.spec import LayerKind, StorageLayout, WeightNorm, check_floating
+
+__all__ = ["MindSporeBackend", "WeightNormCell", "SUPPORTED_LAYERS"]
+
+#: Layer class -> (canonical kind, name of its weight parameter). Exact classes only: a subclass may
+#: override ``construct``, and the wrapper reproduces the construct of these classes, nothing else.
+SUPPORTED_LAYERS: Dict[type, Tuple[str, str]] = {
+    nn.Dense: (LayerKind.LINEAR, "weight"),
+    nn.Conv1d: ("conv1d", "weight"),
+    nn.Conv2d: ("conv2d", "weight"),
+    nn.Conv3d: ("conv3d", "weight"),
+    nn.Conv1dTranspose: ("conv_transpose1d", "weight"),
+    nn.Conv2dTranspose: ("conv_transpose2d", "weight"),
+    nn.Conv3dTranspose: ("conv_transpose3d", "weight"),
+    nn.Embedding: (LayerKind.EMBEDDING, "embedding_table"),
+}
+
+# MindSpore dtype -> spec dtype name; anything missing here is not floating.
+_DTYPE_NAMES = {
+    mindspore.float16: "float16",
+    mindspore.bfloat16: "bfloat16",
+    mindspore.float32: "float32",
+    mindspore.float64: "float64",
+}
+
+# Attributes of the wrapped layer that its construct reads, copied onto the wrapper so that the
+# compiled graph sees them as the wrapper's own constants and primitives.
+_LAYER_ATTRIBUTES = {
+    LayerKind.LINEAR: ("matmul", "bias_add", "reshape", "shape_op", "has_bias", "activation_flag"),
+    "conv1d": ("conv2d", "bias_add", "expand_dims", "squeeze", "has_bias"),
+    "conv2d": ("conv2d", "bias_add", "has_bias"),
+    "conv3d": ("conv3d", "bias_add", "concat", "split_0", "split_1", "group", "out_channels", "has_bias"),
+    "conv_transpose1d": (
+        "conv2d_transpose", "bias_add", "expand_dims", "squeeze", "shape", "has_bias", "out_channels",
+        "is_valid", "is_same", "is_pad", "kernel_size", "stride", "dilation", "padding",
+    ),
+    "conv_transpose2d": (
+        "conv2d_transpose", "bias_add", "shape", "has_bias", "out_channels", "is_valid", "is_same", "is_pad",
+        "kernel_size", "stride", "dilation", "padding_top", "padding_bottom", "padding_left",
+        "padding_right", "output_padding",
+    ),
+    "conv_transpose3d": ("conv3d_transpose", "bias_add", "has_bias"),
+    LayerKind.EMBEDDING: (
+        "get_shp", "reshape_flat", "shp_flat", "one_hot", "vocab_size", "on_value", "off_value", "array_mul",
+        "gather", "reshape", "embedding_size", "use_one_hot",
+    ),
+}
+
+
+def _supported_list() -> str:
+    return ", ".join(f"mindspore.nn.{cls.__name__}" for cls in SUPPORTED_LAYERS)
+
+
+def _storage_layout(kind: str, storage_ndim: int) -> StorageLayout:
+    """How MindSpore stores a weight of ``kind`` relative to the canonical layout."""
+    if kind in ("conv1d", "conv_transpose1d") and storage_ndim == 4:
+        return StorageLayout(perm=(0, 1, 2), unit_axes=(2,))
+    return StorageLayout.identity(storage_ndim)
+
+
+def _dtype_name(dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).lower())
+
+
+def _transpose_output_length(is_valid, is_same, is_pad, size, kernel, stride, dilation, padding):
+    """Output length of MindSpore's transposed convolutions along one axis (their own rule, pad modes included)."""
+    span = kernel + (kernel - 1) * (dilation - 1)
+    if is_valid:
+        return size * stride + max(span - stride, 0)
+    if is_same:
+        return size * stride
+    if is_pad:
+        return size * stride - padding + span - stride
+    return 0
+
+
+class WeightNormCell(nn.Cell):
+    """A MindSpore layer whose weight is reparametrized as ``w = v * (g / ||v||)``.
+
+    Built by :func:`xnorm.wrap`; not meant to be constructed directly.
+
+    Parameters (trainable, in this order): ``<name>_g`` with the weight's stored shape reduced to 1 on
+    every axis but ``dim`` (0-d when ``dim`` is None), ``<name>_v`` with the weight's stored shape, then
+    the layer's other parameters under their own names. Child Cells of the layer (a Dense
+    ``activation``) become children of the wrapper under the same names.
+
+    Inputs and outputs are those of the wrapped layer.
+
+    Attributes:
+        wrapped_name: the name of the reparametrized parameter (``"weight"``, ``"embedding_table"``).
+        dim: the canonical ``dim`` after :func:`xnorm.spec.normalize_dim` (None: whole tensor).
+        storage_dim: the same axis in MindSpore's storage layout.
+        eps: None or the value added to the sum of squares.
+        kind: the canonical layer kind (:class:`xnorm.spec.LayerKind`).
+    """
+
+    def __init__(self, layer: nn.Cell, kind: str, name: str, spec: WeightNorm, g: Tensor, v: Tensor,
+                 dim: Optional[int], storage_dim: Optional[int], axes: Tuple[int, ...]):
+        super().__init__()
+        # A plain attribute, not a child Cell: the layer's own ``weight`` must stay out of
+        # parameters_and_names(), checkpoints and the compiled graph.
+        object.__setattr__(self, "_xnorm_layer", layer)
+        self.wrapped_name = name
+        self.dim = dim
+        self.storage_dim = storage_dim
+        self.eps = spec.eps
+        self.kind = kind
+        self._axes = axes
+        self._sum_squares = ops.ReduceSum(keep_dims=storage_dim is not None)
+        self._weight_dtype = v.dtype
+        self._compute_dtype = mindspore.float32 if _dtype_name(v.dtype) in ("float16", "bfloat16") else v.dtype
+        self._low_precision = self._compute_dtype != v.dtype
+        self._g_name = name + "_g"
+        self._v_name = name + "_v"
+        self._weight_attr = SUPPORTED_LAYERS[type(layer)][1]
+
+        weight_param = getattr(layer, name)
+        requires_grad = weight_param.requires_grad
+        setattr(self, self._g_name, Parameter(g, name=self._g_name, requires_grad=requires_grad))
+        setattr(self, self._v_name, Parameter(v, name=self._v_name, requires_grad=requires_grad))
+        for param_name, param in list(layer._params.items()):
+            if param_name != name and param is not None:
+                setattr(self, param_name, param)
+        if "bias" not in self._params:
+            # Layers built with has_bias=False keep ``bias = None`` as a plain attribute.
+            object.__setattr__(self, "bias", getattr(layer, "bias", None))
+        for attr in _LAYER_ATTRIBUTES[kind]:
+            if hasattr(layer, attr):  # Dense(has_bias=False) has no bias_add, for one
+                setattr(self, attr, getattr(layer, attr))
+        for child_name, child in list(layer._cells.items()):
+            if child is not None:
+                setattr(self, child_name, child)
+        if kind == LayerKind.LINEAR and not isinstance(getattr(layer, "activation", None), nn.Cell):
+            # A Primitive (or None) activation is not a child Cell; keep it as a constant attribute.
+            object.__setattr__(self, "activation", getattr(layer, "activation", None))
+        # Names relative to the wrapper (the layer may have carried a prefix from an earlier parent).
+        self.update_parameters_name("")
+
+    # -- the reparametrization ---------------------------------------------------------------------
+    def _weight(self):
+        """``w`` in the weight's dtype and storage layout, differentiable with respect to g and v."""
+        g = getattr(self, self._g_name)
+        v = getattr(self, self._v_name)
+        if self._low_precision:
+            g = ops.cast(g, self._compute_dtype)
+            v = ops.cast(v, self._compute_dtype)
+        squares = self._sum_squares(v * v, self._axes)
+        if self.eps is not None:
+            squares = squares + self.eps
+        w = v * (g / ops.sqrt(squares))
+        if self._low_precision:
+            w = ops.cast(w, self._weight_dtype)
+        return w
+
+    def construct(self, *inputs):
+        w = self._weight()
+        if self.wrapped_name == self._weight_attr:
+            weight = w
+            bias = self.bias if self.kind != LayerKind.EMBEDDING else None
+        else:
+            weight = getattr(self, self._weight_attr)
+            bias = w
+        return self._apply(inputs[0], weight, bias)
+
+    # -- the layer's own operation, with the weight passed in ----------------------------------------
+    def _apply(self, x, weight, bias):
+        kind = self.kind
+        if kind == LayerKind.LINEAR:
+            return self._dense(x, weight, bias)
+        if kind == "conv1d":
+            out = self.conv2d(self.expand_dims(x, 2), weight)
+            if self.has_bias:
+                out = self.bias_add(out, bias)
+            return self.squeeze(out)
+        if kind == "conv2d":
+            out = self.conv2d(x, weight)
+            if self.has_bias:
+                out = self.bias_add(out, bias)
+            return out
+        if kind == "conv3d":
+            return self._conv3d(x, weight, bias)
+        if kind == "conv_transpose1d":
+            return self._conv_transpose1d(x, weight, bias)
+        if kind == "conv_transpose2d":
+            return self._conv_transpose2d(x, weight, bias)
+        if kind == "conv_transpose3d":
+            out = self.conv3d_transpose(x, weight)
+            if self.has_bias:
+                out = self.bias_add(out, bias)
+            return out
+        return self._embedding(x, weight)
+
+    def _dense(self, x, weight, bias):
+        x_shape = self.shape_op(x)
+        if len(x_shape) != 2:
+            x = self.reshape(x, (-1, x_shape[-1]))
+        x = self.matmul(x, weight)
+        if self.has_bias:
+            x = self.bias_add(x, bias)
+        if self.activation_flag:
+            x = self.activation(x)
+        if len(x_shape) != 2:
+            x = self.reshape(x, x_shape[:-1] + (ops.shape(x)[-1],))
+        return x
+
+    def _conv3d(self, x, weight, bias):
+        if self.group == 1:
+            out = self.conv3d(x, weight)
+            if self.has_bias:
+                out = self.bias_add(out, bias)
+            return out
+        # MindSpore's Conv3d runs grouped convolutions one group at a time; so does the wrapper.
+        features = self.split_1(x)
+        weights = self.split_0(weight)
+        outputs = ()
+        for i in range(self.group):
+            outputs = outputs + (self.conv3d(features[i], weights[i]),)
+        out = self.concat(outputs)
+        if self.has_bias:
+            shape = [1 for _ in range(out.ndim)]
+            shape[1] = self.out_channels
+            out = out + bias.reshape(shape)
+        return out
+
+    def _conv_transpose1d(self, x, weight, bias):
+        x = self.expand_dims(x, 2)
+        n, _, h, w = self.shape(x)
+        h_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, h, self.kernel_size[0],
+                                         self.stride[0], self.dilation[0], self.padding[0] + self.padding[1])
+        w_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, w, self.kernel_size[1],
+                                         self.stride[1], self.dilation[1], self.padding[2] + self.padding[3])
+        out = self.conv2d_transpose(x, weight, (n, self.out_channels, h_out, w_out))
+        if self.has_bias:
+            out = self.bias_add(out, bias)
+        return self.squeeze(out)
+
+    def _conv_transpose2d(self, x, weight, bias):
+        n, _, h, w = self.shape(x)
+        h_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, h, self.kernel_size[0],
+                                         self.stride[0], self.dilation[0], self.padding_top + self.padding_bottom)
+        w_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, w, self.kernel_size[1],
+                                         self.stride[1], self.dilation[1], self.padding_left + self.padding_right)
+        out = self.conv2d_transpose(x, weight, (n, self.out_channels, h_out, w_out))
+        if self.has_bias:
+            out = self.bias_add(out, bias)
+        # Conv2dTranspose appends output_padding as zeros after the bias; the wrapper does the same so
+        # that wrapping never changes what the layer computes (MindSpore's rule, not torch's).
+        extra = self.output_padding if isinstance(self.output_padding, tuple) else (
+            self.output_padding, self.output_padding)
+        if extra[0] == 0 and extra[1] == 0:
+            return out
+        return ops.pad(out, (0, extra[1], 0, extra[0]))
+
+    def _embedding(self, ids, table):
+        out_shape = self.get_shp(ids) + (self.embedding_size,)
+        flat_ids = self.reshape_flat(ids, self.shp_flat)
+        if self.use_one_hot:
+            rows = self.array_mul(self.one_hot(flat_ids, self.vocab_size, self.on_value, self.off_value), table)
+        else:
+            rows = self.gather(table, flat_ids, 0)
+        return self.reshape(rows, out_shape)
+
+    # -- conveniences --------------------------------------------------------------------------------
+    @property
+    def layer(self) -> nn.Cell:
+        """The wrapped layer. Its ``<name>`` parameter is stale while wrapped; use :meth:`compute_weight`."""
+        return self._xnorm_layer
+
+    def compute_weight(self) -> Tensor:
+        """``w`` as the next forward computes it (storage layout, the weight's dtype)."""
+        return self._weight()
+
+    def extend_repr(self) -> str:
+        return (f"layer={type(self._xnorm_layer).__name__}, name={self.wrapped_name!r}, dim={self.dim}, "
+                f"eps={self.eps}")
+
+
+def _new_create_time() -> int:
+    # Strictly increasing even when two calls fall in the same clock tick.
+    now = time.time_ns()
+    _new_create_time.last = max(now, getattr(_new_create_time, "last", 0) + 1)
+    return _new_create_time.last
+
+
+def _force_recompile(cell: nn.Cell) -> None:
+    """Give ``cell`` and every Cell inside it a new compile key, so their next call compiles afresh."""
+    for _, sub in cell.cells_and_names():
+        object.__setattr__(sub, "_create_time", _new_create_time())
+
+
+class MindSporeBackend(Backend):
+    """The ``"mindspore"`` backend (MindSpore >= 2.4, GRAPH_MODE and PYNATIVE_MODE)."""
+
+    name = "mindspore"
+
+    def owns(self, obj: Any) -> bool:
+        """True for any ``mindspore.nn.Cell`` (layers, models and wrappers)."""
+        return isinstance(obj, nn.Cell)
+
+    def is_wrapped(self, obj: Any) -> bool:
+        """True when ``obj`` is a :class:`WeightNormCell`; a model containing one is not itself wrapped."""
+        return isinstance(obj, WeightNormCell)
+
+    # -- wrap ----------------------------------------------------------------------------------------
+    def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str], **options: Any) -> WeightNormCell:
+        """Return a :class:`WeightNormCell` around ``layer``; ``layer`` itself is not modified.
+
+        Args:
+            layer: one of :data:`SUPPORTED_LAYERS` (exact class), any pad_mode, group and bias setting.
+            spec: the :class:`xnorm.spec.WeightNorm` (``dim`` in the canonical layout, ``eps``).
+            name: the parameter to reparametrize; None means the layer's weight (``"weight"``, or
+                ``"embedding_table"`` for an Embedding). Another floating parameter (``"bias"``) may be
+                named; its canonical layout is its own.
+            **options: none are accepted by this backend.
+
+        Raises:
+            OptionError: an unknown keyword option.
+            BackendDetectionError: ``layer`` is not a ``mindspore.nn.Cell``.
+            AlreadyWrappedError: ``layer`` is a :class:`WeightNormCell`.
+            UnsupportedLayerError: ``layer``'s class is not in :data:`SUPPORTED_LAYERS` (the message lists them).
+            MissingParameterError: ``layer`` has no parameter ``name`` (or it is None, as a missing bias).
+            NonFloatingParameterError: the parameter's dtype is not float16/bfloat16/float32/float64.
+            DimError: ``dim`` is not None or an int within the canonical rank.
+        """
+        if options:
+            raise OptionError(
+                f"the mindspore backend takes no options, got {', '.join(sorted(options))}. "
+                "Pass only name=, dim= and eps= to xnorm.wrap."
+            )
+        if not isinstance(layer, nn.Cell):
+            raise BackendDetectionError(
+                f"the mindspore backend wraps mindspore.nn.Cell layers, got an object of type "
+                f"{type(layer).__module__}.{type(layer).__qualname__}. Pass one of: {_supported_list()}."
+            )
+        if isinstance(layer, WeightNormCell):
+            raise AlreadyWrappedError(
+                f"this {type(layer.layer).__name__} is already weight-normalized (its parameter "
+                f"{layer.wrapped_name!r} is held as {layer._g_name!r} and {layer._v_name!r}). "
+                "Call xnorm.remove on it first to wrap it again with other settings."
+            )
+        if type(layer) not in SUPPORTED_LAYERS:
+            raise UnsupportedLayerError(
+                f"the mindspore backend cannot reparametrize a {type(layer).__module__}.{type(layer).__qualname__}; "
+                f"supported layers (exact classes): {_supported_list()}. Wrap those layers inside your Cell instead."
+            )
+        kind, default_name = SUPPORTED_LAYERS[type(layer)]
+        name = default_name if name is None else name
+        param = layer._params.get(name) if isinstance(name, str) else None
+        if param is None:
+            available = [n for n, p in layer._params.items() if p is not None]
+            raise MissingParameterError(
+                f"{type(layer).__name__} has no parameter {name!r}; its parameters are "
+                f"{', '.join(map(repr, available)) or 'none'}. Pass name= one of them, or None for the weight."
+            )
+        dtype_name = _dtype_name(param.dtype)
+        check_floating(dtype_name, what=f"{type(layer).__name__}.{name}")
+
+        if name != default_name:
+            kind_for_dim = LayerKind.GENERIC
+        else:
+            kind_for_dim = kind
+        layout = _storage_layout(kind_for_dim, len(param.shape))
+        dim = spec.resolved_dim(layout.canonical_ndim)  # raises DimError before anything changes
+        storage_dim = layout.storage_dim(dim)
+        axes = layout.storage_reduction_axes(dim) if dim is not None else tuple(range(len(param.shape)))
+
+        v = param.value().copy()
+        g = _initial_g(v, axes, keep_dims=dim is not None, eps=spec.eps)
+        return WeightNormCell(layer, kind, name, spec, g, v, dim, storage_dim, axes)
+
+    # -- remove --------------------------------------------------------------------------------------
+    def remove(self, obj: Any, *args: Any) -> Any:
+        """Undo :meth:`wrap`.
+
+        * ``obj`` is a :class:`WeightNormCell`: returns the original layer object, of its original class,
+          whose ``<name>`` is a new Parameter holding ``w`` (dtype and storage shape of the old weight)
+          and whose other parameters are the wrapper's (trained values included).
+        * ``obj`` is a Cell containing wrappers: each is replaced in its parent by its plain layer, in
+          place, parameter names keep their full prefix, and ``obj`` and every Cell in it are made to
+          recompile on their next call; returns ``obj``.
+
+        Raises:
+            OptionError: extra positional arguments (this backend takes none).
+            NotWrappedError: ``obj`` neither is nor contains a wrapper; nothing is changed.
+        """
+        if args:
+            raise OptionError(f"the mindspore backend's remove takes no extra arguments, got {len(args)}.")
+        if isinstance(obj, WeightNormCell):
+            plain = _unwrap(obj)
+            _force_recompile(plain)
+            return plain
+        if not isinstance(obj, nn.Cell):
+            raise _not_wrapped(obj)
+        found: List[Tuple[nn.Cell, str, WeightNormCell]] = []
+        for _, parent in obj.cells_and_names():
+            if isinstance(parent, WeightNormCell):
+                continue  # a wrapper's children (a Dense activation) cannot hold wrappers of interest
+            for key, child in parent._cells.items():
+                if isinstance(child, WeightNormCell):
+                    found.append((parent, key, child))
+        if not found:
+            raise _not_wrapped(obj)
+        for parent, key, wrapper in found:
+            plain = _unwrap(wrapper)
+            parent._cells[key] = plain
+            if isinstance(getattr(parent, "cell_list", None), list):
+                # SequentialCell runs the list it built from _cells, not _cells itself.
+                object.__setattr__(parent, "cell_list", list(parent._cells.values()))
+        _force_recompile(obj)
+        return obj
+
+
+def _initial_g(v: Tensor, axes: Tuple[int, ...], *, keep_dims: bool, eps: Optional[float]) -> Tensor:
+    """``g = norm(v)`` over ``axes`` in the weight's dtype.
+
+    Computed with the same MindSpore kernels and precision as the forward's norm, so that
+    ``v * (g / norm(v))`` reproduces the old weight as closely as the dtype allows.
+    """
+    work = ops.cast(v, mindspore.float32) if _dtype_name(v.dtype) in ("float16", "bfloat16") else v
+    squares = ops.ReduceSum(keep_dims=keep_dims)(work * work, axes)
+    if eps is not None:
+        squares = squares + eps
+    return ops.cast(ops.sqrt(squares), v.dtype)
+
+
+def _unwrap(wrapper: WeightNormCell) -> nn.Cell:
+    """Put ``w`` and the wrapper's other parameters back on the layer; names keep the wrapper's prefix."""
+    layer = wrapper.layer
+    g_param = getattr(wrapper, wrapper._g_name)
+    prefix = g_param.name[: len(g_param.name) - len(wrapper._g_name)]
+    w = wrapper.compute_weight()
+    old = layer._params[wrapper.wrapped_name]
+    requires_grad = getattr(wrapper, wrapper._v_name).requires_grad
+    layer._params[wrapper.wrapped_name] = Parameter(w, name=wrapper.wrapped_name, requires_grad=requires_grad)
+    del old
+    for param_name, param in wrapper._params.items():
+        if param_name not in (wrapper._g_name, wrapper._v_name) and param is not None:
+            layer._params[param_name] = param
+    for child_name, child in wrapper._cells.items():
+        if child is not None:
+            layer._cells[child_name] = child
+    layer.update_parameters_name(prefix)
+    return layer
