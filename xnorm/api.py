@@ -39,7 +39,8 @@ def wrap(
     Returns:
         the wrapped layer. g is initialised to the weight's norm and v to the weight, so the wrapped
         layer computes exactly what ``layer`` did. torch modules are wrapped in place and returned;
-        MindSpore and Flax return a new wrapper around ``layer``.
+        MindSpore and Flax return a new wrapper around ``layer``. A Flax linen layer given its
+        existing ``variables=`` returns ``(wrapper, wrapped_variables)`` (see docs/flax.md).
 
     Raises:
         UnknownBackendError, BackendNotInstalledError, BackendDetectionError, UnsupportedLayerError,

@@ -1,0 +1,444 @@
+"""Conformance adapters for the Flax backend: ``flax-linen`` and ``flax-nnx`` (CPU, and GPU where present).
+
+Both build Flax's own layers so that the plain layer computes what :mod:`xnorm.conformance.layers`
+computes in torch's semantics:
+
+* inputs and outputs move between ``(N, C, *spatial)`` and Flax's channels-last ``(N, *spatial, C)``;
+* Conv: explicit symmetric padding pairs, ``strides``, ``kernel_dilation``, ``feature_group_count``;
+* ConvTranspose: ``transpose_kernel=True`` (its kernel is torch's weight with the axes permuted,
+  ``(*k, out, in)``) and explicit padding pairs ``(d*(k-1) - p, d*(k-1) - p + output_padding)``, which
+  is exactly torch's transposed convolution. Flax's ConvTranspose has no ``feature_group_count``, so a
+  grouped ConvTranspose cannot be built (see ``expected_failures/flax-*.toml``).
+
+The canonical <-> Flax layout used here is written out from the layer kinds, independently of the
+backend's own table, so a wrong ``dim`` mapping in the backend shows up as a wrong g.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import nnx, serialization
+
+import xnorm
+from xnorm._backends.flax import linen_weight
+from xnorm.spec import LayerKind, StorageLayout
+
+from ..adapter import Adapter
+from ..cases import LayerCase
+
+_DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_PLATFORMS = {"cpu": "cpu", "gpu": "gpu"}
+
+
+class UnsupportedCase(NotImplementedError):
+    """The catalogue's layer has no faithful Flax construction."""
+
+
+def _layout(layer: LayerCase) -> StorageLayout:
+    """Canonical (torch) -> Flax storage layout of the layer's weight, as this adapter builds it."""
+    n = layer.spatial
+    if layer.kind == LayerKind.LINEAR:
+        return StorageLayout((1, 0))
+    if layer.kind in LayerKind.CONV or layer.kind in LayerKind.CONV_TRANSPOSE:
+        # Conv: (*k, in/groups, out); ConvTranspose with transpose_kernel=True: (*k, out, in). Both hold
+        # canonical axis 1 then axis 0 after the kernel axes.
+        return StorageLayout(tuple(range(2, n + 2)) + (1, 0))
+    return StorageLayout.identity(len(layer.weight_shape))
+
+
+def _weight_name(layer: LayerCase) -> str:
+    return "embedding" if layer.kind == LayerKind.EMBEDDING else "kernel"
+
+
+def _transpose_padding(layer: LayerCase):
+    return [
+        (d * (k - 1) - p, d * (k - 1) - p + op)
+        for k, p, d, op in zip(layer.kernel_size, layer.padding, layer.dilation, layer.output_padding, strict=True)
+    ]
+
+
+def _check_buildable(layer: LayerCase) -> None:
+    if layer.kind in LayerKind.CONV_TRANSPOSE and layer.groups != 1:
+        raise UnsupportedCase(
+            "Flax's ConvTranspose (linen and NNX) has no feature_group_count, so a grouped transposed "
+            "convolution has no Flax layer to wrap."
+        )
+
+
+def linen_layer(layer: LayerCase, dtype: str) -> nn.Module:
+    """The linen module a catalogue layer describes."""
+    _check_buildable(layer)
+    jdtype = _DTYPES[dtype]
+    common = dict(dtype=jdtype, param_dtype=jdtype)
+    if layer.kind == LayerKind.LINEAR:
+        return nn.Dense(layer.out_channels, use_bias=layer.bias, **common)
+    if layer.kind == LayerKind.EMBEDDING:
+        return nn.Embed(*layer.weight_shape, **common)
+    if layer.kind in LayerKind.CONV:
+        return nn.Conv(
+            layer.out_channels,
+            layer.kernel_size,
+            strides=layer.stride,
+            padding=[(p, p) for p in layer.padding],
+            kernel_dilation=layer.dilation,
+            feature_group_count=layer.groups,
+            use_bias=layer.bias,
+            **common,
+        )
+    return nn.ConvTranspose(
+        layer.out_channels,
+        layer.kernel_size,
+        strides=layer.stride,
+        padding=_transpose_padding(layer),
+        kernel_dilation=layer.dilation,
+        transpose_kernel=True,
+        use_bias=layer.bias,
+        **common,
+    )
+
+
+def nnx_layer(layer: LayerCase, dtype: str) -> nnx.Module:
+    """The NNX module a catalogue layer describes (random values; the adapter overwrites them)."""
+    _check_buildable(layer)
+    jdtype = _DTYPES[dtype]
+    # zeros: the values are overwritten, and a random initializer costs a compile per shape
+    zeros = nnx.initializers.zeros
+    common = dict(dtype=jdtype, param_dtype=jdtype, rngs=nnx.Rngs(0))
+    if layer.kind == LayerKind.EMBEDDING:
+        return nnx.Embed(*layer.weight_shape, embedding_init=zeros, **common)
+    common.update(kernel_init=zeros, bias_init=zeros)
+    if layer.kind == LayerKind.LINEAR:
+        return nnx.Linear(layer.in_channels, layer.out_channels, use_bias=layer.bias, **common)
+    if layer.kind in LayerKind.CONV:
+        return nnx.Conv(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            strides=layer.stride,
+            padding=[(p, p) for p in layer.padding],
+            kernel_dilation=layer.dilation,
+            feature_group_count=layer.groups,
+            use_bias=layer.bias,
+            **common,
+        )
+    return nnx.ConvTranspose(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        strides=layer.stride,
+        padding=_transpose_padding(layer),
+        kernel_dilation=layer.dilation,
+        transpose_kernel=True,
+        use_bias=layer.bias,
+        **common,
+    )
+
+
+def _to_numpy(array) -> np.ndarray:
+    array = jnp.asarray(array)
+    if array.dtype in (jnp.bfloat16, jnp.float16):
+        array = array.astype(jnp.float32)
+    return np.asarray(array).astype(np.float64)
+
+
+def _canonical(layout: StorageLayout, array) -> np.ndarray:
+    """A Flax weight, v or g (storage layout; g 0-d for dim None) in the canonical layout."""
+    array = _to_numpy(array)
+    return array if array.ndim == 0 else layout.to_canonical(array)
+
+
+class _FlaxAdapter(Adapter):
+    backend = "flax"
+    dtypes = ("float32", "float64", "bfloat16")
+    devices = ("cpu", "gpu")
+
+    def versions(self) -> Dict[str, str]:
+        return {dist: importlib.metadata.version(dist) for dist in ("jax", "jaxlib", "flax", "optax")}
+
+    def supports_device(self, device: str) -> bool:
+        platform = _PLATFORMS.get(device)
+        if platform is None:
+            return False
+        try:
+            return len(jax.devices(platform)) > 0
+        except RuntimeError:  # jax raises when no backend of that platform is initialised
+            return False
+
+    def setup(self, device: str) -> None:
+        # x64 only widens values that have no dtype of their own (Python scalars stay weakly typed);
+        # every array here is created with an explicit dtype, so float32 results are unchanged.
+        jax.config.update("jax_enable_x64", True)
+        # GPUs otherwise run float32 matmuls and convolutions in TF32.
+        jax.config.update("jax_default_matmul_precision", "highest")
+        jax.config.update("jax_default_device", jax.devices(_PLATFORMS[device])[0])
+
+    # -- arrays in and out ----------------------------------------------------------------------
+    @staticmethod
+    def _input(layer: LayerCase, x: np.ndarray, dtype: str):
+        if layer.kind == LayerKind.EMBEDDING:
+            return jnp.asarray(x, dtype=jnp.int32)
+        if layer.kind in LayerKind.CONV or layer.kind in LayerKind.CONV_TRANSPOSE:
+            x = np.moveaxis(x, 1, -1)
+        return jnp.asarray(x, dtype=_DTYPES[dtype])
+
+    @staticmethod
+    def _output_like(layer: LayerCase, array: np.ndarray, dtype: str):
+        """An array shaped like the output (dL/dy, a target), canonical -> Flax layout."""
+        if layer.kind in LayerKind.CONV or layer.kind in LayerKind.CONV_TRANSPOSE:
+            array = np.moveaxis(array, 1, -1)
+        return jnp.asarray(array, dtype=_DTYPES[dtype])
+
+    @staticmethod
+    def _output_to_canonical(layer: LayerCase, y):
+        if layer.kind in LayerKind.CONV or layer.kind in LayerKind.CONV_TRANSPOSE:
+            y = jnp.moveaxis(y, -1, 1)
+        return y
+
+    @staticmethod
+    def _storage(layer: LayerCase, array: np.ndarray, dtype: str):
+        return jnp.asarray(_layout(layer).to_storage(np.asarray(array)), dtype=_DTYPES[dtype])
+
+
+# ----------------------------------------------------------------------------------------------
+# linen
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LinenHandle:
+    layer: LayerCase
+    dtype: str
+    module: nn.Module
+    variables: Any
+    opt_state: Any = None
+
+
+class LinenAdapter(_FlaxAdapter):
+    name = "flax-linen"
+
+    def __init__(self) -> None:
+        self._compiled: Dict[Any, Any] = {}
+
+    def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> LinenHandle:
+        params = {_weight_name(layer): self._storage(layer, weight, dtype)}
+        if bias is not None:
+            params["bias"] = jnp.asarray(bias, dtype=_DTYPES[dtype])
+        return LinenHandle(layer, dtype, linen_layer(layer, dtype), {"params": params})
+
+    def wrap(self, handle: LinenHandle, dim: Optional[int]) -> LinenHandle:
+        module, variables = xnorm.wrap(handle.module, dim=dim, variables=handle.variables)
+        return LinenHandle(handle.layer, handle.dtype, module, variables)
+
+    def remove(self, handle: LinenHandle) -> LinenHandle:
+        module, variables = xnorm.remove(handle.module, handle.variables)
+        return LinenHandle(handle.layer, handle.dtype, module, variables)
+
+    def parameters(self, handle: LinenHandle) -> Dict[str, np.ndarray]:
+        params = handle.variables["params"]
+        layout = _layout(handle.layer)
+        name = _weight_name(handle.layer)
+        if xnorm.is_wrapped(handle.module):
+            out = {"g": _canonical(layout, params[name + "_g"]), "v": _canonical(layout, params[name + "_v"])}
+        else:
+            out = {"weight": _canonical(layout, params[name])}
+        if "bias" in params:
+            out["bias"] = _to_numpy(params["bias"])
+        return out
+
+    def parameter_names(self, handle: LinenHandle) -> List[str]:
+        return [
+            "/".join(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(handle.variables)[0]
+        ]
+
+    def weight(self, handle: LinenHandle) -> np.ndarray:
+        layout = _layout(handle.layer)
+        if xnorm.is_wrapped(handle.module):
+            return _canonical(layout, linen_weight(handle.module, handle.variables))
+        return _canonical(layout, handle.variables["params"][_weight_name(handle.layer)])
+
+    def _jit(self, handle: LinenHandle, what: str, make):
+        # Keyed by the module's repr (its class and every attribute): handles of one case with the same
+        # module (wrapped, re-loaded, plain and removed) share one compiled function.
+        key = (what, repr(handle.module))
+        if key not in self._compiled:
+            if len(self._compiled) > 64:
+                self._compiled.clear()
+            self._compiled[key] = jax.jit(make(handle.module))
+        return self._compiled[key]
+
+    def forward(self, handle: LinenHandle, x: np.ndarray, *, training: bool = True) -> np.ndarray:
+        # linen layers have no training mode; both paths run the same compiled function.
+        apply = self._jit(handle, "forward", lambda module: module.apply)
+        y = apply(handle.variables, self._input(handle.layer, x, handle.dtype))
+        return _to_numpy(self._output_to_canonical(handle.layer, y))
+
+    def _canonical_params(self, handle: LinenHandle, params) -> Dict[str, np.ndarray]:
+        layout = _layout(handle.layer)
+        name = _weight_name(handle.layer)
+        out = {"g": _canonical(layout, params[name + "_g"]), "v": _canonical(layout, params[name + "_v"])}
+        if "bias" in params:
+            out["bias"] = _to_numpy(params["bias"])
+        return out
+
+    def gradients(self, handle: LinenHandle, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
+        layer = handle.layer
+
+        def make(module):
+            def grads(params, x, grad_y):
+                _, vjp = jax.vjp(lambda p: module.apply({"params": p}, x), params)
+                return vjp(grad_y)[0]
+
+            return grads
+
+        grad_y = self._output_like(layer, grad_output, handle.dtype)
+        grads = self._jit(handle, "gradients", make)(
+            handle.variables["params"], self._input(layer, x, handle.dtype), grad_y
+        )
+        return self._canonical_params(handle, grads)
+
+    def sgd_step(self, handle: LinenHandle, x: np.ndarray, target: np.ndarray, lr: float) -> LinenHandle:
+        layer = handle.layer
+        tx = optax.sgd(lr)
+        if handle.opt_state is None:
+            handle.opt_state = tx.init(handle.variables["params"])
+
+        def make(module):
+            def step(params, opt_state, x, target):
+                def loss(p):
+                    y = module.apply({"params": p}, x)
+                    return 0.5 * jnp.mean((y - target) ** 2)
+
+                grads = jax.grad(loss)(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
+            return step
+
+        params, opt_state = self._jit(handle, ("sgd", lr), make)(
+            handle.variables["params"],
+            handle.opt_state,
+            self._input(layer, x, handle.dtype),
+            self._output_like(layer, target, handle.dtype),
+        )
+        handle.variables = {**handle.variables, "params": params}
+        handle.opt_state = opt_state
+        return handle
+
+    def state_roundtrip(self, handle: LinenHandle, fresh: LinenHandle) -> LinenHandle:
+        data = serialization.to_bytes(handle.variables)
+        variables = serialization.from_bytes(fresh.variables, data)
+        return LinenHandle(fresh.layer, fresh.dtype, fresh.module, variables)
+
+
+# ----------------------------------------------------------------------------------------------
+# NNX
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class NNXHandle:
+    layer: LayerCase
+    dtype: str
+    module: nnx.Module
+    optimizer: Any = None
+
+
+@nnx.jit
+def _nnx_forward(module, x):
+    return module(x)
+
+
+@nnx.jit
+def _nnx_gradients(module, x, grad_y):
+    return nnx.grad(lambda m: jnp.sum(m(x) * grad_y))(module)
+
+
+@nnx.jit
+def _nnx_sgd(module, optimizer, x, target):
+    def loss(m):
+        return 0.5 * jnp.mean((m(x) - target) ** 2)
+
+    optimizer.update(module, nnx.grad(loss)(module))
+
+
+class NNXAdapter(_FlaxAdapter):
+    name = "flax-nnx"
+
+    def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> NNXHandle:
+        module = nnx_layer(layer, dtype)
+        getattr(module, _weight_name(layer)).set_value(self._storage(layer, weight, dtype))
+        if bias is not None:
+            module.bias.set_value(jnp.asarray(bias, dtype=_DTYPES[dtype]))
+        return NNXHandle(layer, dtype, module)
+
+    def wrap(self, handle: NNXHandle, dim: Optional[int]) -> NNXHandle:
+        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, dim=dim))
+
+    def remove(self, handle: NNXHandle) -> NNXHandle:
+        return NNXHandle(handle.layer, handle.dtype, xnorm.remove(handle.module))
+
+    def _params(self, handle: NNXHandle, state) -> Dict[str, np.ndarray]:
+        layout = _layout(handle.layer)
+        name = _weight_name(handle.layer)
+        values = {key: state[key].get_value() for key in state}
+        if xnorm.is_wrapped(handle.module):
+            out = {"g": _canonical(layout, values[name + "_g"]), "v": _canonical(layout, values[name + "_v"])}
+        else:
+            out = {"weight": _canonical(layout, values[name])}
+        if "bias" in values:
+            out["bias"] = _to_numpy(values["bias"])
+        return out
+
+    def parameters(self, handle: NNXHandle) -> Dict[str, np.ndarray]:
+        return self._params(handle, nnx.state(handle.module, nnx.Param))
+
+    def parameter_names(self, handle: NNXHandle) -> List[str]:
+        return [".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(handle.module, nnx.Param))]
+
+    def weight(self, handle: NNXHandle) -> np.ndarray:
+        layout = _layout(handle.layer)
+        if xnorm.is_wrapped(handle.module):
+            return _canonical(layout, handle.module.weight())
+        return _canonical(layout, getattr(handle.module, _weight_name(handle.layer)).get_value())
+
+    def forward(self, handle: NNXHandle, x: np.ndarray, *, training: bool = True) -> np.ndarray:
+        module = handle.module
+        if not training:
+            module.eval()
+        try:
+            y = _nnx_forward(module, self._input(handle.layer, x, handle.dtype))
+        finally:
+            module.train()
+        return _to_numpy(self._output_to_canonical(handle.layer, y))
+
+    def gradients(self, handle: NNXHandle, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
+        layer = handle.layer
+        grads = _nnx_gradients(
+            handle.module, self._input(layer, x, handle.dtype), self._output_like(layer, grad_output, handle.dtype)
+        )
+        return self._params(handle, grads)
+
+    def sgd_step(self, handle: NNXHandle, x: np.ndarray, target: np.ndarray, lr: float) -> NNXHandle:
+        if handle.optimizer is None:
+            handle.optimizer = nnx.Optimizer(handle.module, optax.sgd(lr), wrt=nnx.Param)
+        layer = handle.layer
+        _nnx_sgd(
+            handle.module,
+            handle.optimizer,
+            self._input(layer, x, handle.dtype),
+            self._output_like(layer, target, handle.dtype),
+        )
+        return handle
+
+    def state_roundtrip(self, handle: NNXHandle, fresh: NNXHandle) -> NNXHandle:
+        data = serialization.to_bytes(nnx.to_pure_dict(nnx.state(handle.module)))
+        state = nnx.state(fresh.module)
+        restored = serialization.from_bytes(nnx.to_pure_dict(state), data)
+        nnx.replace_by_pure_dict(state, restored)
+        nnx.update(fresh.module, state)
+        return fresh

@@ -1,0 +1,36 @@
+"""The Python snippets of docs/flax.md run (the README quickstart among them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "flax.md"
+
+
+def snippets():
+    text = DOC.read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_quickstart_runs():
+    blocks = snippets()
+    assert blocks, "docs/flax.md has no python snippet"
+    namespace: dict = {}
+    exec(compile(blocks[-1], f"{DOC}:quickstart", "exec"), namespace)  # noqa: S102
+    assert "plain_layer" in namespace and "plain_variables" in namespace
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_short_snippets_run_after_the_quickstart(index):
+    blocks = snippets()
+    namespace: dict = {}
+    exec(compile(blocks[-1], f"{DOC}:quickstart", "exec"), namespace)  # noqa: S102
+    namespace.update(
+        key=namespace["jax"].random.key(0),
+        variables=namespace["dense_variables"],
+        wrapped_variables=namespace["variables"],
+    )
+    exec(compile(blocks[index], f"{DOC}:snippet{index}", "exec"), namespace)  # noqa: S102
