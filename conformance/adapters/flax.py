@@ -73,6 +73,28 @@ def _check_buildable(layer: LayerCase) -> None:
         )
 
 
+def _conv_options(layer: LayerCase) -> dict:
+    """Keyword arguments of linen's and NNX's Conv for a catalogue conv layer (torch's symmetric padding)."""
+    return dict(
+        strides=layer.stride,
+        padding=[(p, p) for p in layer.padding],
+        kernel_dilation=layer.dilation,
+        feature_group_count=layer.groups,
+        use_bias=layer.bias,
+    )
+
+
+def _conv_transpose_options(layer: LayerCase) -> dict:
+    """Keyword arguments of linen's and NNX's ConvTranspose reproducing torch's ConvTranspose."""
+    return dict(
+        strides=layer.stride,
+        padding=_transpose_padding(layer),
+        kernel_dilation=layer.dilation,
+        transpose_kernel=True,
+        use_bias=layer.bias,
+    )
+
+
 def linen_layer(layer: LayerCase, dtype: str) -> nn.Module:
     """The linen module a catalogue layer describes."""
     _check_buildable(layer)
@@ -83,26 +105,8 @@ def linen_layer(layer: LayerCase, dtype: str) -> nn.Module:
     if layer.kind == LayerKind.EMBEDDING:
         return nn.Embed(*layer.weight_shape, **common)
     if layer.kind in LayerKind.CONV:
-        return nn.Conv(
-            layer.out_channels,
-            layer.kernel_size,
-            strides=layer.stride,
-            padding=[(p, p) for p in layer.padding],
-            kernel_dilation=layer.dilation,
-            feature_group_count=layer.groups,
-            use_bias=layer.bias,
-            **common,
-        )
-    return nn.ConvTranspose(
-        layer.out_channels,
-        layer.kernel_size,
-        strides=layer.stride,
-        padding=_transpose_padding(layer),
-        kernel_dilation=layer.dilation,
-        transpose_kernel=True,
-        use_bias=layer.bias,
-        **common,
-    )
+        return nn.Conv(layer.out_channels, layer.kernel_size, **_conv_options(layer), **common)
+    return nn.ConvTranspose(layer.out_channels, layer.kernel_size, **_conv_transpose_options(layer), **common)
 
 
 def nnx_layer(layer: LayerCase, dtype: str) -> nnx.Module:
@@ -118,27 +122,9 @@ def nnx_layer(layer: LayerCase, dtype: str) -> nnx.Module:
     if layer.kind == LayerKind.LINEAR:
         return nnx.Linear(layer.in_channels, layer.out_channels, use_bias=layer.bias, **common)
     if layer.kind in LayerKind.CONV:
-        return nnx.Conv(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            strides=layer.stride,
-            padding=[(p, p) for p in layer.padding],
-            kernel_dilation=layer.dilation,
-            feature_group_count=layer.groups,
-            use_bias=layer.bias,
-            **common,
-        )
+        return nnx.Conv(layer.in_channels, layer.out_channels, layer.kernel_size, **_conv_options(layer), **common)
     return nnx.ConvTranspose(
-        layer.in_channels,
-        layer.out_channels,
-        layer.kernel_size,
-        strides=layer.stride,
-        padding=_transpose_padding(layer),
-        kernel_dilation=layer.dilation,
-        transpose_kernel=True,
-        use_bias=layer.bias,
-        **common,
+        layer.in_channels, layer.out_channels, layer.kernel_size, **_conv_transpose_options(layer), **common
     )
 
 
