@@ -141,6 +141,18 @@ def _canonical(layout: StorageLayout, array) -> np.ndarray:
     return array if array.ndim == 0 else layout.to_canonical(array)
 
 
+def _protocol_parameters(layer: LayerCase, wrapped: bool, values) -> Dict[str, np.ndarray]:
+    """The protocol's ``{g, v[, bias]}`` (wrapped) or ``{weight[, bias]}`` from a layer's own parameter values."""
+    layout, name = _layout(layer), _weight_name(layer)
+    if wrapped:
+        out = {"g": _canonical(layout, values[name + "_g"]), "v": _canonical(layout, values[name + "_v"])}
+    else:
+        out = {"weight": _canonical(layout, values[name])}
+    if "bias" in values:
+        out["bias"] = _to_numpy(values["bias"])
+    return out
+
+
 class _FlaxAdapter(Adapter):
     backend = "flax"
     dtypes = ("float32", "float64", "bfloat16")
@@ -226,16 +238,7 @@ class LinenAdapter(_FlaxAdapter):
         return LinenHandle(handle.layer, handle.dtype, module, variables)
 
     def parameters(self, handle: LinenHandle) -> Dict[str, np.ndarray]:
-        params = handle.variables["params"]
-        layout = _layout(handle.layer)
-        name = _weight_name(handle.layer)
-        if xnorm.is_wrapped(handle.module):
-            out = {"g": _canonical(layout, params[name + "_g"]), "v": _canonical(layout, params[name + "_v"])}
-        else:
-            out = {"weight": _canonical(layout, params[name])}
-        if "bias" in params:
-            out["bias"] = _to_numpy(params["bias"])
-        return out
+        return _protocol_parameters(handle.layer, xnorm.is_wrapped(handle.module), handle.variables["params"])
 
     def parameter_names(self, handle: LinenHandle) -> List[str]:
         return [
@@ -369,16 +372,8 @@ class NNXAdapter(_FlaxAdapter):
         return NNXHandle(handle.layer, handle.dtype, xnorm.remove(handle.module))
 
     def _params(self, handle: NNXHandle, state) -> Dict[str, np.ndarray]:
-        layout = _layout(handle.layer)
-        name = _weight_name(handle.layer)
         values = {key: state[key].get_value() for key in state}
-        if xnorm.is_wrapped(handle.module):
-            out = {"g": _canonical(layout, values[name + "_g"]), "v": _canonical(layout, values[name + "_v"])}
-        else:
-            out = {"weight": _canonical(layout, values[name])}
-        if "bias" in values:
-            out["bias"] = _to_numpy(values["bias"])
-        return out
+        return _protocol_parameters(handle.layer, xnorm.is_wrapped(handle.module), values)
 
     def parameters(self, handle: NNXHandle) -> Dict[str, np.ndarray]:
         return self._params(handle, nnx.state(handle.module, nnx.Param))
