@@ -41,6 +41,10 @@ __all__ = [
     "reduction_axes",
     "compute_dtype",
     "check_floating",
+    "fused_scale_side",
+    "FUSED_OUTPUT",
+    "FUSED_INPUT",
+    "FUSED_ROWS",
 ]
 
 #: dtype names a reparametrized weight may have.
@@ -251,3 +255,46 @@ class WeightNorm(Reparametrization):
 
     def resolved_dim(self, ndim: int) -> Optional[int]:
         return normalize_dim(self.dim, ndim)
+
+
+#: Where the fused path (``xnorm.wrap(..., fused=True)``) applies the per-slice scale ``s = g / ||v||``.
+FUSED_OUTPUT = "output"  # layer(x; w) == s * layer_without_bias(x; v) + bias   (s per output channel, or a scalar)
+FUSED_INPUT = "input"  # layer(x; w) == layer(x * s; v)                       (s per input channel)
+FUSED_ROWS = "rows"  # Embedding with dim=0: lookup(ids; w) == s[ids] * lookup(ids; v)
+
+
+def fused_scale_side(kind: str, dim: Optional[int]) -> Optional[str]:
+    """Where the fused path applies ``s = g / ||v||`` for a weight of ``kind``, or None to materialise w.
+
+    ``dim`` is already normalized (:func:`normalize_dim`). Because w = v * s with s constant along
+    every axis but ``dim``, a linear map in w equals the same map in v with s moved to the side that
+    ``dim`` indexes, so w never has to exist:
+
+    ====================  ==========  =============================================================
+    kind                  dim         side
+    ====================  ==========  =============================================================
+    any kind              None        :data:`FUSED_OUTPUT` (s is a scalar)
+    linear, conv*d        0 (out)     :data:`FUSED_OUTPUT`
+    linear                1 (in)      :data:`FUSED_INPUT`
+    conv*d                1           :data:`FUSED_INPUT`; with groups > 1 the in/groups scale is
+                                      tiled ``groups`` times over the input channels
+    conv_transpose*d      0 (in)      :data:`FUSED_INPUT`
+    conv_transpose*d      1           :data:`FUSED_OUTPUT`, tiled ``groups`` times
+    embedding             0           :data:`FUSED_ROWS`
+    embedding             1           :data:`FUSED_OUTPUT` (per feature)
+    kernel axes, generic  any other   None: w is materialised, exactly as without ``fused``
+    ====================  ==========  =============================================================
+
+    Same math, different rounding: the fused result differs from the materialised one by float
+    rounding only (it must, and does, pass the conformance tolerances); the default (``fused=False``)
+    stays bit-equal to torch's own weight norm.
+    """
+    if dim is None:
+        return FUSED_OUTPUT
+    if kind == LayerKind.LINEAR or kind in LayerKind.CONV:
+        return {0: FUSED_OUTPUT, 1: FUSED_INPUT}.get(dim)
+    if kind in LayerKind.CONV_TRANSPOSE:
+        return {0: FUSED_INPUT, 1: FUSED_OUTPUT}.get(dim)
+    if kind == LayerKind.EMBEDDING:
+        return {0: FUSED_ROWS, 1: FUSED_OUTPUT}.get(dim)
+    return None

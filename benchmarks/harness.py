@@ -1,0 +1,144 @@
+"""Side-by-side timing shared by every backend's benchmark (benchmarks/bench_<backend>.py).
+
+Timings on a busy 2-core machine drift by tens of percent over a minute, so a ratio is only worth
+something when both sides are timed in the same minute. :func:`interleave` runs the candidates of one
+comparison round-robin (the order rotates every repetition), and the ratio is taken *per repetition*
+before its median is reported: a slow phase of the machine hits both sides of one repetition alike.
+
+Result files (one per backend, ``benchmarks/results/<backend>.json``) hold :class:`Measurement` rows::
+
+    {"backend": "torch", "machine": {...}, "rows": [
+        {"group": "cpu", "size": "linear-1024", "task": "train", "variant": "plain",
+         "per_call_ms": [..one per repetition..], "note": "", "extra": {}},
+        ...]}
+
+Ratios are only taken between rows of the same ``(group, size, task)``, whose repetitions were
+interleaved by one :func:`interleave` call. ``group`` names the mode and device (``"cpu"``,
+``"graph/cpu"``, ``"nnx/cuda"``). Variant names:
+
+* ``plain``: the layer without weight norm (the baseline of every wrapped/plain ratio);
+* ``xnorm``, ``xnorm-fused``: ``xnorm.wrap(layer)`` and ``xnorm.wrap(layer, fused=True)``;
+* ``native:<name>``: the framework's own alternative (``native:parametrizations``,
+  ``native:parametrizations-cached``, ``native:legacy``, ``native:linen.WeightNorm``,
+  ``native:nnx.WeightNorm``, ``native:assign-wrapper``);
+* ``removed``: ``xnorm.remove`` applied to a wrapped layer (task ``inference``).
+
+``benchmarks/report.py`` turns them into the ratio tables, the JSON summary and the plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+#: The sizes of issue 6, the same in every backend: name -> description (shapes in torch's layout).
+SIZES = {
+    "linear-64": "Linear 64->64, batch 8 (overhead dominates)",
+    "linear-1024": "Linear 1024->1024, batch 64",
+    "conv1d-512-k7": "Conv1d 512->512, k=7, batch 8 x 4096 samples (vocoder)",
+    "conv2d-64-3x3": "Conv2d 64->64, 3x3, batch 16 x 64x64",
+}
+
+#: Tasks a row can time.
+TASKS = {
+    "train": "one training step: forward, backward, optimizer update (SGD)",
+    "forward": "one forward pass in training mode (used where backward is not meaningful)",
+    "inference": "one forward pass in inference mode",
+    "compile": "graph compile time of a small model (first call minus a warm call)",
+    "convert": "checkpoint conversion of ~1 GB of float32 weights",
+}
+
+
+@dataclasses.dataclass
+class Measurement:
+    group: str
+    size: str
+    task: str
+    variant: str
+    per_call_ms: List[float]
+    note: str = ""
+    extra: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.per_call_ms)
+
+
+def _time_calls(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def interleave(
+    candidates: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int = 15,
+    warmup: int = 3,
+    min_rep_seconds: float = 0.1,
+    sync: Optional[Callable[[], None]] = None,
+) -> Dict[str, List[float]]:
+    """Time each candidate ``repeats`` times, round-robin, and return per-call milliseconds per repetition.
+
+    Each callable runs one step and must leave the device idle or be paired with ``sync`` (e.g.
+    ``torch.cuda.synchronize``, or a ``block_until_ready`` inside the callable) so the clock measures
+    finished work. The number of calls per repetition is calibrated once on the first candidate so a
+    repetition lasts about ``min_rep_seconds``; every candidate then makes the same number of calls.
+    """
+    sync = sync or (lambda: None)
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+        sync()
+    first = candidates[names[0]]
+    single_ms = _time_calls(first, 1, sync)
+    calls = max(1, int(min_rep_seconds * 1e3 / max(single_ms, 1e-3)))
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_time_calls(candidates[name], calls, sync))
+    return times
+
+
+def machine_info(**extra: str) -> Dict[str, str]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": str(os.cpu_count()),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info.update(extra)
+    return info
+
+
+def save(backend: str, rows: List[Measurement], machine: Mapping[str, str], results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``<results_dir>/<backend>.json``."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{backend}.json"
+    payload = {"backend": backend, "machine": dict(machine), "rows": [dataclasses.asdict(row) for row in rows]}
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def load(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
