@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from . import registry
-from .errors import NotWrappedError
+from .errors import NotWrappedError, OptionError
 from .spec import WeightNorm
 
 __all__ = ["wrap", "remove", "is_wrapped"]
@@ -18,6 +18,7 @@ def wrap(
     name: Optional[str] = None,
     dim: Optional[int] = 0,
     eps: Optional[float] = None,
+    fused: bool = False,
     **options: Any,
 ) -> Any:
     """Reparametrize ``layer``'s weight as ``w = v * (g / ||v||)`` (weight normalization).
@@ -34,6 +35,11 @@ def wrap(
             the whole weight (``-1`` is *not* the last axis); other negative values count from the end.
         eps: ``None`` (torch's behaviour, a zero slice gives NaN) or a value added to the sum of
             squares under the square root.
+        fused: ``True`` computes the layer without materialising w where the algebra allows it:
+            ``s = g / ||v||`` scales the layer's output (or input) instead of v
+            (:func:`xnorm.spec.fused_scale_side` lists where; elsewhere w is materialised as usual).
+            Parameters, names, checkpoints and ``remove`` are the same as without it; results differ
+            by float rounding only. ``False`` (the default) is bit-equal to torch's own weight norm.
         **options: backend-specific options, documented by each backend.
 
     Returns:
@@ -47,7 +53,12 @@ def wrap(
         MissingParameterError, NonFloatingParameterError, DimError, AlreadyWrappedError, OptionError;
         ``layer`` is unchanged when any of them is raised.
     """
+    if not isinstance(fused, bool):
+        raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
     spec = WeightNorm(dim=dim, eps=eps)
+    if fused:
+        # Only passed when asked for, so a third-party backend without a fused path reports the option.
+        options["fused"] = True
     return registry.resolve_backend(layer, backend).wrap(layer, spec, name=name, **options)
 
 

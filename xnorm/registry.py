@@ -38,6 +38,9 @@ class Backend:
         raise NotImplementedError
 
     def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str], **options: Any) -> Any:
+        """Wrap ``layer``. ``options`` holds ``fused=True`` when the user asked for the fused path
+        (:func:`xnorm.spec.fused_scale_side`) and any backend-specific option; an option the backend
+        does not know raises :class:`~xnorm.errors.OptionError`."""
         raise NotImplementedError
 
     def remove(self, obj: Any, *args: Any) -> Any:

@@ -20,13 +20,18 @@ ADAPTERS: Dict[str, str] = {
     "mindspore-pynative": "xnorm.conformance.adapters.mindspore:MindSporePyNativeAdapter",
     "flax-linen": "xnorm.conformance.adapters.flax:LinenAdapter",
     "flax-nnx": "xnorm.conformance.adapters.flax:NNXAdapter",
+    # xnorm.wrap(..., fused=True): the same catalogue, the same tolerances
+    "torch-fused": "xnorm.conformance.adapters.torch:TorchFusedAdapter",
+    "mindspore-graph-fused": "xnorm.conformance.adapters.mindspore:MindSporeGraphFusedAdapter",
+    "flax-linen-fused": "xnorm.conformance.adapters.flax:LinenFusedAdapter",
+    "flax-nnx-fused": "xnorm.conformance.adapters.flax:NNXFusedAdapter",
 }
 
 #: backend name (as in xnorm.backends()) -> its adapters
 BACKEND_ADAPTERS: Dict[str, Tuple[str, ...]] = {
-    "torch": ("torch",),
-    "mindspore": ("mindspore-graph", "mindspore-pynative"),
-    "flax": ("flax-linen", "flax-nnx"),
+    "torch": ("torch", "torch-fused"),
+    "mindspore": ("mindspore-graph", "mindspore-pynative", "mindspore-graph-fused"),
+    "flax": ("flax-linen", "flax-nnx", "flax-linen-fused", "flax-nnx-fused"),
 }
 
 
