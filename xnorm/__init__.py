@@ -5,10 +5,13 @@
 
 from . import reference, spec
 from .api import is_wrapped, remove, wrap
+from .porting import compare, convert
 from .errors import (
     AlreadyWrappedError,
     BackendDetectionError,
     BackendNotInstalledError,
+    CheckpointFileError,
+    ConversionError,
     DimError,
     MissingParameterError,
     NonFloatingParameterError,
@@ -44,4 +47,8 @@ __all__ = [
     "AlreadyWrappedError",
     "NotWrappedError",
     "OptionError",
+    "ConversionError",
+    "CheckpointFileError",
+    "convert",
+    "compare",
 ]

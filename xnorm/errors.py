@@ -21,6 +21,8 @@ __all__ = [
     "AlreadyWrappedError",
     "NotWrappedError",
     "OptionError",
+    "ConversionError",
+    "CheckpointFileError",
 ]
 
 
@@ -66,3 +68,21 @@ class NotWrappedError(XnormError, ValueError):
 
 class OptionError(XnormError, ValueError):
     """A keyword option (``eps``, ``fused``, ...) has a value outside its documented range."""
+
+
+class ConversionError(XnormError, ValueError):
+    """A checkpoint does not fill the target model exactly: keys missing, unexpected, mis-shaped or of the wrong dtype.
+
+    ``missing``, ``unexpected`` and ``mismatched`` hold every problem found (not just the first), as lists of
+    strings, so one run tells the whole story.
+    """
+
+    def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+
+class CheckpointFileError(XnormError, ValueError):
+    """A checkpoint file cannot be read safely: missing, truncated, corrupt, or holding more than plain tensors."""

@@ -1,0 +1,202 @@
+"""torch's part of checkpoint conversion (:mod:`xnorm.porting`): reading state dicts and files, describing a
+torch model, building and saving a state dict, running a model in inference mode.
+
+Every conversion plug-in (``xnorm._backends.<framework>.convert``) offers the same functions:
+
+``accepts_source(obj)``, ``accepts_like(obj)``, ``accepts_model(obj)``
+    whether ``obj`` is a source / a target model / a runnable model of this framework.
+``read(source) -> {key: ArrayRef}``
+    the source's tensors, indexed without copying their data.
+``describe(like) -> [LayerInfo]``
+    the target model's layers: path, kind and every tensor it needs.
+``candidate_keys(info, name) -> [key]``
+    (MindSpore and Flax only) the keys a torch layer's parameter ``name`` (already in this framework's
+    naming) may have in a source of this framework.
+``build(like, arrays, load) -> result`` and ``save(result, path)``
+    the conversion's result, and writing it atomically.
+``run_eval(model, inputs) -> [ndarray]``
+    outputs in inference mode, the model's mode restored afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from xnorm.errors import CheckpointFileError, ConversionError, OptionError
+from xnorm.porting import (
+    BATCHNORM,
+    GROUPNORM,
+    LAYERNORM,
+    ArrayRef,
+    LayerInfo,
+    TensorSpec,
+    atomic_write,
+    read_safetensors,
+    write_safetensors,
+)
+from xnorm.spec import LayerKind
+
+from . import dtype_name
+
+_KINDS = {
+    nn.Linear: LayerKind.LINEAR,
+    nn.Embedding: LayerKind.EMBEDDING,
+    nn.LayerNorm: LAYERNORM,
+    nn.GroupNorm: GROUPNORM,
+    **{getattr(nn, f"Conv{n}d"): f"conv{n}d" for n in (1, 2, 3)},
+    **{getattr(nn, f"ConvTranspose{n}d"): f"conv_transpose{n}d" for n in (1, 2, 3)},
+    **{getattr(nn, f"BatchNorm{n}d"): BATCHNORM for n in (1, 2, 3)},
+}
+
+
+def accepts_source(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def accepts_like(obj: Any) -> bool:
+    return isinstance(obj, nn.Module)
+
+
+accepts_model = accepts_like
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ConversionError("bfloat16 tensors need the ml_dtypes package: pip install ml_dtypes") from None
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    if str(array.dtype) == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _load_pt(path: Path) -> Mapping[str, Any]:
+    if not path.is_file():
+        raise CheckpointFileError(f"checkpoint file {os.fspath(path)!r} does not exist.")
+    try:
+        try:
+            # mmap keeps a large checkpoint out of memory until each tensor is converted.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format cannot be mapped
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointFileError(
+            f"{os.fspath(path)!r} holds objects other than tensors, and xnorm never unpickles arbitrary objects "
+            f"(torch.load(weights_only=True) refused: {first_line}). Save the state dict alone: "
+            "torch.save(model.state_dict(), path)."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CheckpointFileError(
+            f"{os.fspath(path)!r} cannot be read as a torch checkpoint (truncated or corrupt?): "
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        ) from None
+
+
+def read(source: Any) -> Dict[str, ArrayRef]:
+    """A torch state dict, or a ``.safetensors``/``.pt``/``.pth``/``.bin`` file, indexed by its keys."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.suffix == ".safetensors":
+            return read_safetensors(path)
+        source = _load_pt(path)
+        where = repr(os.fspath(path))
+    else:
+        where = "the source"
+    if isinstance(source, nn.Module):
+        raise ConversionError(
+            "source= is a torch module; pass its state dict (model.state_dict()) or a checkpoint path."
+        )
+    if not isinstance(source, Mapping):
+        raise ConversionError(
+            f"{where} holds a {type(source).__qualname__}, not a state dict (a mapping of names to tensors). "
+            "Save model.state_dict() instead."
+        )
+    others = {k: type(v).__qualname__ for k, v in source.items() if not isinstance(v, torch.Tensor)}
+    if others:
+        listed = ", ".join(f"{k!r}: {t}" for k, t in list(others.items())[:8])
+        raise ConversionError(
+            f"{where} is not a plain state dict: entries {listed} are not tensors. If the state dict is nested "
+            "(as in {'generator': ..., 'optimizer': ...}), pass that entry: "
+            "xnorm.convert(torch.load(path, weights_only=True)['generator'], ...)."
+        )
+    refs = {}
+    for key, tensor in source.items():
+        refs[key] = ArrayRef(key, tuple(tensor.shape), dtype_name(tensor.dtype), lambda t=tensor: _to_numpy(t))
+    return refs
+
+
+def _layer_path(key: str) -> tuple:
+    """``ups.0.parametrizations.weight.original0`` -> (("ups", "0"), "parametrizations.weight.original0")."""
+    if ".parametrizations." in f".{key}":
+        head, _, tail = f".{key}".partition(".parametrizations.")
+        return tuple(head[1:].split(".")) if head else (), "parametrizations." + tail
+    head, _, name = key.rpartition(".")
+    return (tuple(head.split(".")) if head else ()), name
+
+
+def describe(like: nn.Module) -> List[LayerInfo]:
+    modules = dict(like.named_modules())
+    layers: Dict[tuple, LayerInfo] = OrderedDict()
+    for key, tensor in like.state_dict(keep_vars=True).items():
+        segments, name = _layer_path(key)
+        if segments not in layers:
+            module = modules.get(".".join(segments))
+            kind = _KINDS.get(type(module), "generic")
+            if kind == "generic" and module is not None and hasattr(module, "parametrizations"):
+                # parametrize swaps the class for a subclass: look through it.
+                kind = next((k for cls, k in _KINDS.items() if isinstance(module, cls)), "generic")
+            layers[segments] = LayerInfo(segments, kind, {})
+        layers[segments].params[name] = TensorSpec(key, tuple(tensor.shape), dtype_name(tensor.dtype))
+    return list(layers.values())
+
+
+def build(like: nn.Module, arrays: Mapping[str, np.ndarray], *, load: bool) -> "OrderedDict[str, torch.Tensor]":
+    order = list(like.state_dict().keys())
+    state = OrderedDict((key, _from_numpy(arrays[key])) for key in order)
+    if load:
+        like.load_state_dict(state, strict=True)
+    return state
+
+
+def save(result: Mapping[str, torch.Tensor], path: Any) -> None:
+    """``.safetensors`` (no pickle) or ``.pt``/``.pth``, written atomically."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        write_safetensors({k: _to_numpy(v) for k, v in result.items()}, path)
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        atomic_write(path, lambda tmp: torch.save(dict(result), tmp))
+    else:
+        raise OptionError(f"cannot write a torch checkpoint as {path.suffix!r}; use .safetensors or .pt.")
+
+
+def run_eval(model: nn.Module, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+    training = model.training
+    try:
+        model.eval()
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        with torch.no_grad():
+            out = model(*(torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in inputs))
+    finally:
+        model.train(training)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [_to_numpy(o).astype(np.float64) if o.dtype != torch.bfloat16 else o.float().cpu().numpy() for o in outs]
