@@ -5,12 +5,19 @@
                         (or ``--backend``), save results and print the report.
 ``xnorm report``        the cross-backend report from every saved run (backends run in separate
                         environments, so this is how their results meet).
+``xnorm convert``       convert a checkpoint between torch and MindSpore or Flax (see xnorm.convert), with a
+                        progress bar on large checkpoints, a summary of what was mapped, and an atomic write.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import os
 import sys
+import time
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -67,6 +74,88 @@ def _report(args) -> int:
     return 0 if ok else 1
 
 
+#: Checkpoints at least this large get a progress bar (smaller ones convert in a blink).
+PROGRESS_THRESHOLD_BYTES = 64 * 2**20
+OUTPUT_SUFFIXES = {"mindspore": (".ckpt",), "flax": (".msgpack",), "torch": (".safetensors", ".pt", ".pth")}
+
+
+def _resolve_like(spec: str):
+    """``module:attribute`` -> the object, called when callable (a factory)."""
+    from .errors import OptionError
+
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise OptionError(f"--like {spec!r} must be module:factory, e.g. --like mymodels.vocoder:build_generator.")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules next to the user are importable
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as error:
+        raise OptionError(
+            f"--like {spec!r}: cannot import {module_name!r} ({error}). Run from the folder that "
+            "holds it, or install it."
+        ) from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise OptionError(f"--like {spec!r}: {module_name!r} has no attribute {attribute!r}.")
+        obj = getattr(obj, part)
+    # A factory (function, class, functools.partial) is called; a model object (modules are callable too) is used as is.
+    factory = inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj) or isinstance(obj, partial)
+    return obj() if factory else obj
+
+
+class _ProgressBar:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if done < total and now - self.last < 0.2:
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        rate = done / 2**20 / max(now - self.start, 1e-9)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * done / max(total, 1):5.1f}% "
+            f"{done / 2**20:8.1f}/{total / 2**20:.1f} MiB {rate:7.1f} MiB/s"
+        )
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _convert(args) -> int:
+    from . import porting
+    from .errors import OptionError
+
+    output = os.path.abspath(args.output)
+    if os.path.exists(args.source) and os.path.exists(output) and os.path.samefile(args.source, output):
+        raise OptionError(f"-o {args.output!r} is the source file; write the converted checkpoint elsewhere.")
+    suffixes = OUTPUT_SUFFIXES[args.to]
+    if not output.endswith(suffixes):
+        raise OptionError(f"-o {args.output!r}: a {args.to} checkpoint is written as {' or '.join(suffixes)}.")
+    rename = {}
+    for rule in args.rename or ():
+        pattern, sep, replacement = rule.partition("=")
+        if not sep:
+            raise OptionError(f"--rename {rule!r} must be REGEX=REPLACEMENT.")
+        rename[pattern] = replacement
+    like = _resolve_like(args.like)
+    plan, target = porting._plan(args.source, to=args.to, like=like, rename=rename or None, cast=args.cast)
+    show = not args.quiet and (args.progress or plan.nbytes >= PROGRESS_THRESHOLD_BYTES)
+    result = porting._execute(plan, target, like, load=False, progress=_ProgressBar(show))
+    target.save(result, output)
+    if not args.quiet:
+        print(plan.summary())
+        print(f"wrote {args.output} ({os.path.getsize(output) / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="xnorm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +170,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.add_argument("--results-dir", default=DEFAULT_RESULTS)
     report.add_argument("--output", help="markdown file to write (default: <results-dir>/report.md)")
     report.set_defaults(run=_report)
+    convert = sub.add_parser("convert", help="convert a checkpoint between torch and MindSpore or Flax, strictly")
+    convert.add_argument("source", help=".safetensors/.pt (torch), .ckpt (MindSpore) or .msgpack (Flax)")
+    convert.add_argument("--to", required=True, choices=("mindspore", "flax", "torch"))
+    convert.add_argument("--like", required=True, help="module:factory giving the target model (names and shapes)")
+    convert.add_argument("-o", "--output", required=True, help="file to write (.ckpt, .msgpack, .safetensors or .pt)")
+    convert.add_argument(
+        "--rename",
+        action="append",
+        metavar="REGEX=REPLACEMENT",
+        help="applied to each key derived from the target to give the source key (repeatable)",
+    )
+    convert.add_argument("--cast", action="store_true", help="cast floating tensors to the target's dtypes")
+    bar = convert.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", help="always show the progress bar")
+    bar.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    convert.set_defaults(run=_convert)
     args = parser.parse_args(argv)
     if getattr(args, "device", "unset") is None:
         args.device = ["cpu"]

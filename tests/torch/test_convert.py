@@ -1,0 +1,194 @@
+"""torch's side of conversion: reading state dicts and files safely, describing models, building them, the CLI."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import xnorm
+from xnorm import porting
+from xnorm._backends.torch import convert as torch_convert
+from xnorm.cli import main as cli
+from xnorm.errors import CheckpointFileError, ConversionError
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8), nn.ConvTranspose1d(8, 4, 4, 2), nn.Linear(5, 3))
+    xnorm.wrap(model[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.nn.utils.weight_norm(model[2])
+    return model
+
+
+class _Marker:
+    """Unpickling this would write a file: proof that torch.load(weights_only=True) ran no foreign code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_read_indexes_a_state_dict_without_copying(tmp_path):
+    model = _model()
+    refs = torch_convert.read(model.state_dict())
+    assert list(refs) == list(model.state_dict())
+    ref = refs["0.parametrizations.weight.original1"]
+    assert ref.shape == (8, 4, 3) and ref.dtype == "float32"
+    np.testing.assert_array_equal(ref.load(), model[0].parametrizations.weight.original1.detach().numpy())
+    assert refs["1.num_batches_tracked"].dtype == "int64"
+
+
+def test_read_pt_and_safetensors_files_agree(tmp_path):
+    state = _model().state_dict()
+    torch.save(state, tmp_path / "m.pt")
+    porting.write_safetensors({k: v.numpy() for k, v in state.items()}, tmp_path / "m.safetensors")
+    for path in (tmp_path / "m.pt", tmp_path / "m.safetensors"):
+        refs = torch_convert.read(path)
+        assert set(refs) == set(state)
+        for key, tensor in state.items():
+            np.testing.assert_array_equal(np.asarray(refs[key].load()), tensor.numpy())
+
+
+def test_a_pickle_with_objects_is_refused_and_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.ones(2), "payload": _Marker(marker)}, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointFileError, match="holds objects other than tensors.*never unpickles"):
+        torch_convert.read(path)
+    assert not marker.exists()
+    assert path.read_bytes() == before
+
+
+def test_a_pickled_module_is_refused(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(nn.Linear(2, 2), path)
+    with pytest.raises(CheckpointFileError, match="torch.save\\(model.state_dict\\(\\), path\\)"):
+        torch_convert.read(path)
+
+
+def test_a_nested_checkpoint_names_the_entry_to_pass(tmp_path):
+    path = tmp_path / "nested.pt"
+    torch.save({"generator": _model().state_dict(), "steps": 3}, path)
+    with pytest.raises(ConversionError, match=r"\['generator'\]"):
+        torch_convert.read(path)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.95])
+def test_truncated_pt_is_a_checkpoint_error(tmp_path, cut):
+    path = tmp_path / "t.pt"
+    torch.save(_model().state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(CheckpointFileError, match="cannot be read as a torch checkpoint"):
+        torch_convert.read(path)
+
+
+def test_corrupt_and_missing_pt(tmp_path):
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"this is not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointFileError, match="truncated or corrupt"):
+        torch_convert.read(path)
+    with pytest.raises(CheckpointFileError, match="does not exist"):
+        torch_convert.read(tmp_path / "missing.pt")
+
+
+def test_non_mapping_sources_are_refused():
+    with pytest.raises(ConversionError, match="pass its state dict"):
+        torch_convert.read(nn.Linear(2, 2))
+    with pytest.raises(ConversionError, match="entries 'a': int are not tensors"):
+        torch_convert.read({"a": 1})
+
+
+def test_describe_sees_through_parametrizations_and_legacy_weight_norm():
+    layers = {info.segments: info for info in torch_convert.describe(_model())}
+    assert layers[("0",)].kind == "conv1d"
+    assert set(layers[("0",)].params) == {
+        "bias",
+        "parametrizations.weight.original0",
+        "parametrizations.weight.original1",
+    }
+    assert layers[("1",)].kind == "batchnorm" and "num_batches_tracked" in layers[("1",)].params
+    assert layers[("2",)].kind == "conv_transpose1d" and set(layers[("2",)].params) == {"bias", "weight_g", "weight_v"}
+    assert layers[("3",)].kind == "linear"
+    assert layers[("0",)].params["parametrizations.weight.original0"].shape == (8, 1, 1)
+
+
+def test_build_loads_strictly_and_keeps_the_models_key_order():
+    source, target = _model(), _model()
+    with torch.no_grad():
+        for tensor in target.state_dict(keep_vars=True).values():
+            tensor.zero_()
+    arrays = {k: v.numpy().copy() for k, v in source.state_dict().items()}
+    state = torch_convert.build(target, arrays, load=True)
+    assert list(state) == list(target.state_dict())
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], tensor)
+
+
+def test_save_writes_safetensors_or_pt_atomically(tmp_path):
+    state = _model().state_dict()
+    torch_convert.save(state, tmp_path / "a.safetensors")
+    torch_convert.save(state, tmp_path / "a.pt")
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    refs = porting.read_safetensors(tmp_path / "a.safetensors")
+    assert all(np.array_equal(np.asarray(refs[k].load()), v.numpy()) for k, v in state.items())
+    with pytest.raises(xnorm.OptionError, match="use .safetensors or .pt"):
+        torch_convert.save(state, tmp_path / "a.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "a.safetensors"]
+
+
+def test_run_eval_restores_training_mode():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).train()
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    (out,) = torch_convert.run_eval(model, [x])
+    assert model.training
+    with torch.no_grad():
+        expected = model[0](torch.from_numpy(x)).numpy()  # dropout is off in eval mode
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_compare_two_torch_models_reports_the_worst_element():
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 3)
+    ported = nn.Linear(4, 3)
+    ported.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        ported.bias[1] += 1e-3
+    x = np.ones((2, 4), np.float32)
+    result = xnorm.compare(reference, ported, x)
+    assert not result.ok and result.outputs[0].worst_index[1] == 1
+    assert result.outputs[0].max_abs == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(AssertionError, match="beyond the float32 forward tolerance"):
+        result.assert_close()
+    assert xnorm.compare(reference, reference, x).ok
+
+
+# -- CLI errors that need no second framework ----------------------------------------------------------------
+
+
+def test_cli_rejects_a_bad_like_and_output(tmp_path, capsys):
+    src = tmp_path / "m.safetensors"
+    porting.write_safetensors({"a": np.ones(2, np.float32)}, src)
+    assert cli(["convert", str(src), "--to", "torch", "--like", "nomodule", "-o", str(tmp_path / "o.pt")]) == 2
+    assert "must be module:factory" in capsys.readouterr().err
+    assert cli(["convert", str(src), "--to", "torch", "--like", "os:path", "-o", str(tmp_path / "o.ckpt")]) == 2
+    assert "written as .safetensors or .pt or .pth" in capsys.readouterr().err
+    assert (
+        cli(["convert", str(src), "--to", "torch", "--like", "no_such_module_xyz:f", "-o", str(tmp_path / "o.pt")]) == 2
+    )
+    assert "cannot import 'no_such_module_xyz'" in capsys.readouterr().err
+    assert cli(["convert", str(src), "--to", "torch", "--like", "os:nothing_here", "-o", str(tmp_path / "o.pt")]) == 2
+    assert "has no attribute 'nothing_here'" in capsys.readouterr().err
+    assert cli(["convert", str(src), "--to", "torch", "--like", "os:path", "-o", str(src)]) == 2
+    assert "is the source file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
