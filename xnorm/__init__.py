@@ -5,7 +5,6 @@
 
 from . import reference, spec
 from .api import is_wrapped, remove, wrap
-from .porting import compare, convert
 from .errors import (
     AlreadyWrappedError,
     BackendDetectionError,
@@ -21,6 +20,7 @@ from .errors import (
     UnsupportedLayerError,
     XnormError,
 )
+from .porting import compare, convert
 from .registry import BackendInfo, backends, register_backend
 from .spec import WeightNorm
 
