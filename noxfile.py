@@ -3,6 +3,7 @@
     nox -t test     lint, every backend's tests and conformance suite, then the cross-backend comparison
     nox -t report   every backend's conformance run, then the combined report (conformance-results/report.md)
     nox -s tests-torch / tests-mindspore / tests-flax / cross / lint
+    nox -s bench    every backend's benchmarks (each in its own environment), then the ratio report and plot
 
 Backends compare through files: each run saves conformance-results/<adapter>/, and `cross` reads them.
 Pass a device to the conformance runs with `nox -t report -- --device gpu`.
@@ -32,7 +33,7 @@ def _device_args(session):
 @nox.session(tags=["test"])
 def lint(session):
     session.install("ruff==0.17.6")
-    session.run("ruff", "check", "xnorm", "backends", "conformance", "tests", "noxfile.py")
+    session.run("ruff", "check", "xnorm", "backends", "conformance", "tests", "examples", "benchmarks", "noxfile.py")
 
 
 for _backend in BACKENDS:
@@ -58,3 +59,36 @@ def cross(session):
     """Compare every saved backend run pairwise; writes conformance-results/report.md."""
     session.install(".")
     session.run("xnorm", "report", "--results-dir", RESULTS)
+
+
+BENCH_RESULTS = str(ROOT / "benchmarks" / "results")
+
+
+for _backend in BACKENDS:
+
+    @nox.session(name=f"bench-{_backend}", tags=["bench"])
+    def bench_backend(session, backend=_backend):
+        """Timings of one backend (plain, xnorm, xnorm fused, native), plus conversion where it applies."""
+        _install(session, backend)
+        session.run("python", f"benchmarks/bench_{backend}.py", "--results-dir", BENCH_RESULTS, *session.posargs)
+        if backend != "torch":
+            quick = ["--quick"] if "--quick" in session.posargs else []
+            session.run(
+                "python", "benchmarks/bench_convert.py", "--to", backend, "--results-dir", BENCH_RESULTS, *quick
+            )
+
+
+@nox.session(name="bench-report")
+def bench_report(session):
+    """Ratio tables (markdown, JSON), the plot, and docs/performance.md from benchmarks/results/."""
+    session.install("matplotlib==3.11.2", "numpy")
+    session.run("python", "benchmarks/report.py", "--results-dir", BENCH_RESULTS, "--docs", "docs/performance.md")
+
+
+@nox.session
+def bench(session):
+    """Every benchmark, side by side per backend in its own environment, then the report:
+    `nox -s bench` (or `nox -s bench -- --quick` for a smoke run)."""
+    for backend in BACKENDS:
+        session.notify(f"bench-{backend}", session.posargs)
+    session.notify("bench-report")
