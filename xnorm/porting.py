@@ -296,7 +296,8 @@ class Step:
         array = array.reshape(self.target.shape)
         if self.cast:
             array = array.astype(_numpy_dtype(self.target.dtype))
-        return np.ascontiguousarray(array) if array.flags.owndata else np.array(array, order="C")
+        # Not np.ascontiguousarray: it turns a 0-d array (the g of dim=None) into shape (1,).
+        return array if array.flags.owndata and array.flags.c_contiguous else np.array(array, order="C")
 
 
 @dataclasses.dataclass
@@ -588,7 +589,22 @@ def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = F
         ), target_module
     layers = target_module.describe(like)
     targets = _targets_from_framework_model(to, layers)
-    refs = {canonical_torch_key(k): dataclasses.replace(ref, key=canonical_torch_key(k)) for k, ref in refs.items()}
+    by_canonical: Dict[str, ArrayRef] = {}
+    clashes = []
+    for key, ref in refs.items():
+        canonical = canonical_torch_key(key)
+        if canonical in by_canonical:
+            first = by_canonical[canonical].key
+            clashes.append(f"{canonical}: {_describe_source(source)} has both {first!r} and {key!r}")
+        by_canonical[canonical] = ref
+    if clashes:
+        raise ConversionError(
+            "the checkpoint holds some weight-norm tensors under both torch key styles (weight_g/weight_v and "
+            "parametrizations.weight.original0/1); nothing was converted or modified:\n  " + "\n  ".join(clashes)
+            + "\nfix: keep one key of each pair.",
+            mismatched=clashes,
+        )
+    refs = {canonical: dataclasses.replace(ref, key=canonical) for canonical, ref in by_canonical.items()}
     return plan(
         refs,
         targets,

@@ -81,13 +81,27 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
     if str(array.dtype) == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(_c_order(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(_c_order(array))
+
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    # Not np.ascontiguousarray: it turns a 0-d array (num_batches_tracked, the g of dim=None) into shape (1,).
+    return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
 def _load_pt(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise CheckpointFileError(f"checkpoint file {os.fspath(path)!r} does not exist.")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (b"PK") or, before 1.6, a pickle (b"\x80" and its protocol); anything
+    # else would reach the unpickler and be misreported as "objects other than tensors".
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointFileError(
+            f"{os.fspath(path)!r} is not a torch checkpoint (truncated or corrupt?): it starts with {head!r}, "
+            "not a zip archive or a pickle."
+        )
     try:
         try:
             # mmap keeps a large checkpoint out of memory until each tensor is converted.
