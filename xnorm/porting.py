@@ -621,22 +621,48 @@ def _describe_source(source: Any) -> str:
     return "the source"
 
 
+class _ConvertedArrays(Mapping):
+    """The converted tensors, each computed when the target plug-in asks for it and not kept here.
+
+    A plug-in that turns each array into its framework's tensor as it goes (and drops the array) holds
+    one converted tensor at a time on top of its result: the conversion's peak memory stays near the
+    result's size instead of twice it. Asking twice for a key converts it twice (same values).
+    """
+
+    def __init__(self, plan_: Plan, progress) -> None:
+        self._steps = {step.target.key: step for step in plan_.steps}
+        self._filled = {spec.key: spec for spec in plan_.filled}
+        self._progress = progress
+        self._total = plan_.nbytes
+        self._done = 0
+
+    def __getitem__(self, key: str):
+        if key in self._filled:
+            import numpy as np
+
+            spec = self._filled[key]
+            return np.zeros(spec.shape, dtype=_numpy_dtype(spec.dtype))
+        step = self._steps[key]
+        array = step.run()
+        self._done = min(self._done + step.source.nbytes, self._total)
+        if self._progress is not None:
+            self._progress(self._done, self._total)
+        return array
+
+    def __contains__(self, key) -> bool:  # Mapping's default would convert the tensor to answer
+        return key in self._steps or key in self._filled
+
+    def __iter__(self):
+        return iter([*self._steps, *self._filled])
+
+    def __len__(self) -> int:
+        return len(self._steps) + len(self._filled)
+
+
 def _execute(plan_: Plan, target_module, like: Any, *, load: bool, progress=None):
     if not isinstance(load, bool):
         raise OptionError(f"load must be True or False, got {load!r}.")
-    total = plan_.nbytes
-    done = 0
-    arrays: Dict[str, Any] = {}
-    for step in plan_.steps:
-        arrays[step.target.key] = step.run()
-        done += step.source.nbytes
-        if progress is not None:
-            progress(done, total)
-    import numpy as np
-
-    for spec in plan_.filled:
-        arrays[spec.key] = np.zeros(spec.shape, dtype=_numpy_dtype(spec.dtype))
-    return target_module.build(like, arrays, load=load)
+    return target_module.build(like, _ConvertedArrays(plan_, progress), load=load)
 
 
 # -- files ----------------------------------------------------------------------------------------------

@@ -230,7 +230,8 @@ def _as_tensor(array: np.ndarray) -> Tensor:
     if str(array.dtype) == "bfloat16":
         # ml_dtypes' and MindSpore's bfloat16 NumPy types differ; float32 holds every bfloat16 value exactly.
         return Tensor(array.astype(np.float32), dtype=mindspore.bfloat16)
-    return Tensor(array)
+    # from_numpy shares the array's memory; the Parameter built from it makes the one copy.
+    return Tensor.from_numpy(array)
 
 
 def build(like: nn.Cell, arrays: Mapping[str, np.ndarray], *, load: bool) -> OrderedDict[str, Parameter]:
