@@ -83,7 +83,8 @@ else:
         def __init__(self, rngs):
             self.layers = nnx.List([xnorm.wrap(nnx.Conv(channels, channels, (kernel,), rngs=rngs), backend="flax")
                                     for _ in range(layers)])
-    like = Stack(nnx.Rngs(0))
+    # Shapes only (nnx.eval_shape): the like= model costs no memory and no random init.
+    like = nnx.eval_shape(lambda: Stack(nnx.Rngs(0)))
 
 from xnorm import porting
 baseline = rss_mb("VmRSS:")
@@ -91,8 +92,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak-RSS counter: only the conversion is measured
 start = time.perf_counter()
 plan, target = porting._plan(checkpoint, to=to, like=like)
-result = porting._execute(plan, target, like, load=False)
-target.save(result, output)
+porting._write(plan, target, like, output)  # exactly what `xnorm convert` runs
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "baseline_mb": baseline, "peak_mb": rss_mb("VmHWM:"), "bytes": plan.nbytes}))
 """

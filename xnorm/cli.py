@@ -148,8 +148,7 @@ def _convert(args) -> int:
     like = _resolve_like(args.like)
     plan, target = porting._plan(args.source, to=args.to, like=like, rename=rename or None, cast=args.cast)
     show = not args.quiet and (args.progress or plan.nbytes >= PROGRESS_THRESHOLD_BYTES)
-    result = porting._execute(plan, target, like, load=False, progress=_ProgressBar(show))
-    target.save(result, output)
+    porting._write(plan, target, like, output, progress=_ProgressBar(show))
     if not args.quiet:
         print(plan.summary())
         print(f"wrote {args.output} ({os.path.getsize(output) / 2**20:.1f} MiB)")

@@ -665,6 +665,15 @@ def _execute(plan_: Plan, target_module, like: Any, *, load: bool, progress=None
     return target_module.build(like, _ConvertedArrays(plan_, progress), load=load)
 
 
+def _write(plan_: Plan, target_module, like: Any, path: Any, *, progress=None) -> None:
+    """Convert and write the result file, the way with the lowest peak memory the plug-in offers."""
+    arrays = _ConvertedArrays(plan_, progress)
+    if hasattr(target_module, "write"):
+        target_module.write(like, arrays, path)
+    else:
+        target_module.save(target_module.build(like, arrays, load=False), path)
+
+
 # -- files ----------------------------------------------------------------------------------------------
 
 _SAFETENSORS_DTYPES = {

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 from flax import linen as nn
 from flax import nnx, serialization
@@ -426,7 +427,7 @@ def _rebuild(tree: Mapping, prefix: Tuple[str, ...], placed: Mapping[str, Any]) 
     return FrozenDict(out) if isinstance(tree, FrozenDict) else out
 
 
-def build(like: Any, arrays: Mapping[str, np.ndarray], *, load: bool) -> Any:
+def build(like: Any, arrays: Mapping[str, np.ndarray], *, load: bool, place: bool = True) -> Any:
     """The converted variables, shaped like ``like``.
 
     ``arrays`` maps each target key to its converted NumPy array; each is read once and turned into a
@@ -446,7 +447,8 @@ def build(like: Any, arrays: Mapping[str, np.ndarray], *, load: bool) -> Any:
         for path, variable in _nnx_variables(like):
             key = _key(path)
             value = variable.get_value()
-            flat.append((path, variable.replace(value=_placed(_checked(key, arrays[key], value), value))))
+            array = _checked(key, arrays[key], value)
+            flat.append((path, variable.replace(value=_placed(array, value) if place else array)))
         state = nnx.from_flat_state(flat)
         if load:
             nnx.update(like, state)
@@ -460,7 +462,8 @@ def build(like: Any, arrays: Mapping[str, np.ndarray], *, load: bool) -> Any:
     for path, leaf in _leaves(like):
         key = _key(path)
         if path[0] not in SKIPPED_COLLECTIONS:
-            placed[key] = _placed(_checked(key, arrays[key], leaf), leaf)
+            array = _checked(key, arrays[key], leaf)
+            placed[key] = _placed(array, leaf) if place else array
     return _rebuild(like, (), placed)
 
 
@@ -492,8 +495,39 @@ def save(result: Any, path: Any) -> None:
     path = Path(path)
     if path.suffix != ".msgpack":
         raise OptionError(f"cannot write Flax variables as {path.suffix!r}; use a .msgpack path.")
-    data = serialization.msgpack_serialize(_pure(result))  # before the file is opened: errors leave it alone
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    tree = _pure(result)  # before the file is opened: errors leave it alone
+    atomic_write(path, lambda tmp: _write_msgpack(tree, tmp))
+
+
+def _write_msgpack(tree: Any, path: Path) -> None:
+    """Write ``flax.serialization.msgpack_serialize(tree)``'s exact bytes, one leaf at a time.
+
+    msgpack is compositional (a map is its header, then each key and value), so serializing leaf by
+    leaf gives the same bytes; but msgpack's packer holds the whole output twice while it grows, so
+    serializing the tree at once would peak at three times the checkpoint's size.
+    """
+    packer = msgpack.Packer()
+    with open(path, "wb") as f:
+
+        def emit(node: Any) -> None:
+            if isinstance(node, dict):
+                f.write(packer.pack_map_header(len(node)))
+                for key in sorted(node):  # flax's tree_map sorts keys; so do we, for the same bytes
+                    f.write(packer.pack(key))
+                    emit(node[key])
+            else:
+                f.write(serialization.msgpack_serialize(node))
+
+        emit(tree)
+
+
+def write(like: Any, arrays: Mapping[str, np.ndarray], path: Any) -> None:
+    """What ``xnorm convert`` does: the converted arrays straight into a ``.msgpack`` file, as :func:`save` of
+    :func:`build`'s result would write it, but without making JAX arrays: the peak memory is the NumPy
+    arrays plus the serialized bytes, instead of those plus a JAX copy of every tensor."""
+    if Path(path).suffix != ".msgpack":
+        raise OptionError(f"cannot write Flax variables as {Path(path).suffix!r}; use a .msgpack path.")
+    save(build(like, arrays, load=False, place=False), path)
 
 
 # -- run -------------------------------------------------------------------------------------------

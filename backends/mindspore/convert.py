@@ -310,6 +310,16 @@ def save(result: Mapping[str, Tensor], path: Any) -> None:
     atomic_write(path, write)
 
 
+def write(like: nn.Cell, arrays: Mapping[str, np.ndarray], path: Any) -> None:
+    """What ``xnorm convert`` does: the converted arrays straight into a ``.ckpt`` file, with ``like``'s
+    names, without making Parameters (each Tensor shares its array's memory, so the peak is the arrays
+    plus what ``save_checkpoint`` buffers)."""
+    targets = like.parameters_dict()
+    if set(targets) != set(arrays):
+        raise ConversionError("the converted tensors do not match like=; pass the same like= to convert and write.")
+    save(OrderedDict((key, _as_tensor(arrays[key])) for key in targets), path)
+
+
 def _training_flags(model: nn.Cell) -> List[Tuple[nn.Cell, bool]]:
     return [(cell, bool(cell.training)) for _, cell in model.cells_and_names()]
 

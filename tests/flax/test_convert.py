@@ -880,11 +880,12 @@ def test_save_failure_mid_write_leaves_the_file(tmp_path, monkeypatch):
     path = tmp_path / "zoo.msgpack"
     path.write_bytes(b"previous")
 
-    def failing_write(self, data):
-        Path.write_text(self, "half")  # something lands in the temporary file, then the write fails
+    from flax import serialization
+
+    def failing_leaf(*args, **kwargs):  # the map headers are already in the temporary file when a leaf fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(Path, "write_bytes", failing_write)
+    monkeypatch.setattr(serialization, "msgpack_serialize", failing_leaf)
     with pytest.raises(OSError, match="disk full"):
         porting.save(nnx.state(model), path, to="flax")
     monkeypatch.undo()
@@ -911,3 +912,18 @@ def test_compare_sees_a_wrong_weight():
     comparison = xnorm.compare(source, model, inputs(), channels_last=True)
     assert not comparison.ok
     assert [o.error_over_allowed > 1.0 for o in comparison.outputs] == [False, True, False]
+
+
+def test_msgpack_files_are_written_leaf_by_leaf_with_flax_s_exact_bytes(tmp_path):
+    from flax import serialization
+
+    from xnorm._backends.flax.convert import _write_msgpack
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "params": {"z": {"kernel_v": rng.standard_normal((3, 4)).astype(np.float32)}, "a_0": {"bias": np.ones(3)}},
+        "batch_stats": {"bn": {"mean": np.zeros(2, np.float32), "var": np.ones((), np.float32)}},
+    }
+    path = tmp_path / "x.msgpack"
+    _write_msgpack(tree, path)
+    assert path.read_bytes() == serialization.msgpack_serialize(tree)
