@@ -13,6 +13,10 @@ place, exactly where ``torch.nn.utils.parametrizations.weight_norm`` would put t
 torch's layout is xnorm's canonical layout, so ``dim`` needs no mapping: any module with a floating
 parameter works (Linear, ConvNd, ConvTransposeNd, Embedding, custom modules).
 
+``xnorm.wrap(module, fused=True)`` registers the same parametrization (same state, same ``module.weight``)
+and lets the module's forward apply ``s = g / ||v||`` to its activations instead of computing w, where
+the algebra allows: see :mod:`xnorm._backends.torch.fused` and docs/torch.md.
+
 ``xnorm.remove`` calls ``parametrize.remove_parametrizations(..., leave_parametrized=True)``: the
 module gets its original class back and a plain ``Parameter`` under ``<name>`` holding w, ready for
 ``torch.jit.script``.
@@ -141,14 +145,22 @@ class TorchBackend(registry.Backend):
         return weight
 
     def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str] = None, **options: Any) -> nn.Module:
+        fused = bool(options.pop("fused", False))
         if options:
             raise OptionError(f"the torch backend takes no option(s) {sorted(options)}; remove them.")
         name = "weight" if name is None else name
         weight = self._check(layer, name)
         spec.resolved_dim(weight.dim())  # raises DimError before anything changes
         torch_dim = -1 if spec.dim is None else int(spec.dim)
-        parametrization = WeightNormParametrization(torch_dim, spec.eps)
+        if fused:
+            from .fused import fused_parametrization, install_forward  # imports this module: not at the top
+
+            parametrization = fused_parametrization(layer, name, weight, spec, torch_dim)
+        else:
+            parametrization = WeightNormParametrization(torch_dim, spec.eps)
         parametrize.register_parametrization(layer, name, parametrization, unsafe=True)
+        if fused:
+            install_forward(layer)  # a no-op where the fused path falls back to materialising w
         handle = layer.register_load_state_dict_pre_hook(_legacy_keys_hook(name))
         parametrization.legacy_hook_id = handle.id
         return layer

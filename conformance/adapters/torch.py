@@ -147,3 +147,12 @@ class TorchAdapter(Adapter):
         buffer.seek(0)
         fresh.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
         return fresh
+
+
+class TorchFusedAdapter(TorchAdapter):
+    """The torch adapter with ``xnorm.wrap(..., fused=True)``: same catalogue, same tolerances."""
+
+    name = "torch-fused"
+
+    def wrap(self, handle: nn.Module, dim: Optional[int]) -> nn.Module:
+        return xnorm.wrap(handle, dim=dim, fused=True)
