@@ -256,6 +256,11 @@ class LinenWeightNorm(nn.Module):
                     "pass the variables this wrapper's init returned (or xnorm.wrap(..., variables=...)'s)."
                 )
         g, v = values.pop(g_name), values.pop(v_name)
+        return self._forward(template, g, v, values, args, kwargs)
+
+    def _forward(self, template: nn.Module, g, v, values: Dict[str, Any], args: tuple, kwargs: Dict[str, Any]):
+        """The layer's output from g, v and its other params ``values``: here with w materialised
+        (the fused wrapper, backends/flax/fused.py, overrides this)."""
         _, axes, keep = _resolve(self.layer, self.param_name, self._spec(), v.ndim)
         values[self.param_name] = _materialize(g, v, axes, keep, self.eps)
         return template.apply({"params": values}, *args, **kwargs)
@@ -362,6 +367,9 @@ class FlaxBackend(Backend):
       ``variables`` itself is not modified.
     * NNX: returns a :class:`NNXWeightNorm` built from the layer's current weight (the layer is left as
       it was). ``variables=`` is an :class:`~xnorm.errors.OptionError` here.
+    * ``fused=True``: the same, with the subclasses of ``fused.py`` (``LinenFusedWeightNorm``,
+      ``NNXFusedWeightNorm``): same variables and checkpoints, w never built where
+      :func:`xnorm.spec.fused_scale_side` allows it.
 
     ``remove``: linen ``remove(wrapper, variables) -> (plain_layer, plain_variables)``; NNX
     ``remove(wrapper) -> plain_layer``, or ``remove(model)`` replacing every wrapper inside ``model``
@@ -384,11 +392,14 @@ class FlaxBackend(Backend):
     # -- wrap -----------------------------------------------------------------------------------
     def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str] = None, **options: Any) -> Any:
         variables = options.pop("variables", _MISSING)
+        fused = options.pop("fused", False)
         if options:
             raise OptionError(
                 f"unknown option(s) for the flax backend: {', '.join(sorted(options))}. The flax backend "
-                "accepts variables= (linen only: the existing variables of the layer to wrap)."
+                "accepts variables= (linen only: the existing variables of the layer to wrap) and fused=."
             )
+        if not isinstance(fused, bool):
+            raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
         if isinstance(layer, (LinenWeightNorm, NNXWeightNorm, nn.WeightNorm, nnx.WeightNorm)):
             raise AlreadyWrappedError(
                 f"{type(layer).__qualname__} is already weight-normalized; wrap the plain layer instead "
@@ -398,12 +409,12 @@ class FlaxBackend(Backend):
             raise MissingParameterError(f"name must be a parameter name (a str) or None, got {name!r}.")
         name = name or _default_name(layer)
         if isinstance(layer, nn.Module):
-            return self._wrap_linen(layer, spec, name, variables)
+            return self._wrap_linen(layer, spec, name, variables, fused)
         if variables is not _MISSING:
             raise OptionError("variables= is for linen modules only; an NNX module holds its own variables. Drop it.")
-        return self._wrap_nnx(layer, spec, name)
+        return self._wrap_nnx(layer, spec, name, fused)
 
-    def _wrap_linen(self, layer: nn.Module, spec: WeightNorm, name: str, variables: Any) -> Any:
+    def _wrap_linen(self, layer: nn.Module, spec: WeightNorm, name: str, variables: Any, fused: bool = False) -> Any:
         if isinstance(layer.parent, Scope):
             raise UnsupportedLayerError(
                 f"{type(layer).__name__} is bound to variables (module.bind or inside apply at the top level). "
@@ -422,7 +433,7 @@ class FlaxBackend(Backend):
                 normalize_dim(spec.dim, ranks[name])
             else:
                 normalize_dim(spec.dim, 1 << 30)  # type checks now; the range once init knows the rank
-            return self._make_linen(layer, spec, name)
+            return self._make_linen(layer, spec, name, fused)
 
         params = variables.get("params") if isinstance(variables, Mapping) else None
         if not isinstance(params, Mapping):
@@ -454,20 +465,21 @@ class FlaxBackend(Backend):
         _, axes, keep = _resolve(layer, name, spec, weight.ndim)
         g0 = _init_g(weight, axes, keep, spec.eps)
         new_params = _same_mapping_type(params, _replace_entry(params, name, {g_name: g0, v_name: weight}))
-        wrapper = self._make_linen(layer, spec, name)
+        wrapper = self._make_linen(layer, spec, name, fused)
         return wrapper, _same_mapping_type(variables, {"params": new_params})
 
     @staticmethod
-    def _make_linen(layer: nn.Module, spec: WeightNorm, name: str) -> LinenWeightNorm:
+    def _make_linen(layer: nn.Module, spec: WeightNorm, name: str, fused: bool = False) -> LinenWeightNorm:
         fields = dict(layer=layer, param_name=name, dim=spec.dim, eps=spec.eps)
+        cls = _wrapper_classes(fused)[0]
         if layer.scope is not None and isinstance(layer.parent, nn.Module):
             # The layer was created inside a parent's compact method (or named in setup) and already
             # holds a scope at its own path, e.g. params["Dense_0"]. The wrapper takes that very scope,
             # so g and v sit where the kernel would have been; the layer itself never creates anything.
-            return LinenWeightNorm(**fields, name=layer.name, parent=layer.scope)
-        return LinenWeightNorm(**fields, name=layer.name)
+            return cls(**fields, name=layer.name, parent=layer.scope)
+        return cls(**fields, name=layer.name)
 
-    def _wrap_nnx(self, layer: nnx.Module, spec: WeightNorm, name: str) -> NNXWeightNorm:
+    def _wrap_nnx(self, layer: nnx.Module, spec: WeightNorm, name: str, fused: bool = False) -> NNXWeightNorm:
         state = nnx.state(layer)
         g_name, v_name = _names(spec, name)
         if g_name in state or v_name in state:
@@ -489,7 +501,7 @@ class FlaxBackend(Backend):
         weight = variable.get_value()
         _check_weight(weight, f"{type(layer).__name__}.{name}")
         spec.resolved_dim(weight.ndim)  # DimError before anything is built
-        return NNXWeightNorm(layer, name=name, spec=spec)
+        return _wrapper_classes(fused)[1](layer, name=name, spec=spec)
 
     # -- remove ---------------------------------------------------------------------------------
     def remove(self, obj: Any, *args: Any) -> Any:
@@ -530,6 +542,15 @@ class FlaxBackend(Backend):
             else:
                 parent[key] = plain
         return obj
+
+
+def _wrapper_classes(fused: bool) -> Tuple[type, type]:
+    """``(linen wrapper class, NNX wrapper class)``; the fused ones (fused.py) are imported only when asked for."""
+    if not fused:
+        return LinenWeightNorm, NNXWeightNorm
+    from .fused import LinenFusedWeightNorm, NNXFusedWeightNorm
+
+    return LinenFusedWeightNorm, NNXFusedWeightNorm
 
 
 def _node_at(root: Any, path: Sequence[Any]) -> Any:

@@ -423,3 +423,25 @@ class NNXAdapter(_FlaxAdapter):
         nnx.replace_by_pure_dict(state, restored)
         nnx.update(fresh.module, state)
         return fresh
+
+
+# ----------------------------------------------------------------------------------------------
+# fused=True: the same catalogue and tolerances, only the wrapping differs
+# ----------------------------------------------------------------------------------------------
+class LinenFusedAdapter(LinenAdapter):
+    """``flax-linen`` with ``xnorm.wrap(..., fused=True)`` (backends/flax/fused.py)."""
+
+    name = "flax-linen-fused"
+
+    def wrap(self, handle: LinenHandle, dim: Optional[int]) -> LinenHandle:
+        module, variables = xnorm.wrap(handle.module, dim=dim, variables=handle.variables, fused=True)
+        return LinenHandle(handle.layer, handle.dtype, module, variables)
+
+
+class NNXFusedAdapter(NNXAdapter):
+    """``flax-nnx`` with ``xnorm.wrap(..., fused=True)`` (backends/flax/fused.py)."""
+
+    name = "flax-nnx-fused"
+
+    def wrap(self, handle: NNXHandle, dim: Optional[int]) -> NNXHandle:
+        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, dim=dim, fused=True))

@@ -61,7 +61,7 @@ BAD_LINEN = {
     "dim-bool": (dict(dim=True), DimError),
     "dim-float": (dict(dim=1.0), DimError),
     "dim-str": (dict(dim="0"), DimError),
-    "unknown-option": (dict(fused=True), OptionError),
+    "unknown-option": (dict(bogus=True), OptionError),
     "negative-eps": (dict(eps=-1.0), OptionError),
 }
 
