@@ -35,6 +35,11 @@ Precision
     float64, no bfloat16) and MatMul in float16/float32/float64; those limits are MindSpore's, not the
     wrapper's.
 
+Fused path
+    ``xnorm.wrap(layer, fused=True)`` returns a :class:`~xnorm._backends.mindspore.fused.FusedWeightNormCell`
+    (same parameters, checkpoints, ``remove`` and errors) whose construct runs the primitive on ``v`` and
+    scales the output or input by ``g / ||v||`` instead of building ``w``; see ``fused.py``.
+
 Removal and compiled graphs
     ``xnorm.remove(wrapper)`` returns the original layer object with ``weight`` replaced by a new
     Parameter holding ``w``. ``xnorm.remove(model)`` swaps every wrapper inside ``model`` for its plain
@@ -377,10 +382,13 @@ class MindSporeBackend(Backend):
             name: the parameter to reparametrize; None means the layer's weight (``"weight"``, or
                 ``"embedding_table"`` for an Embedding). Another floating parameter (``"bias"``) may be
                 named; its canonical layout is its own.
-            **options: none are accepted by this backend.
+            **options: ``fused=True`` (from ``xnorm.wrap(..., fused=True)``) returns a
+                :class:`~xnorm._backends.mindspore.fused.FusedWeightNormCell`, which scales the layer's
+                output or input by ``g / ||v||`` instead of building ``w`` where the algebra allows it
+                (same parameters, checkpoints and ``remove``); no other option is accepted.
 
         Raises:
-            OptionError: an unknown keyword option.
+            OptionError: an unknown keyword option, or ``fused`` that is not a bool.
             BackendDetectionError: ``layer`` is not a ``mindspore.nn.Cell``.
             AlreadyWrappedError: ``layer`` is a :class:`WeightNormCell`.
             UnsupportedLayerError: ``layer``'s class is not in :data:`SUPPORTED_LAYERS` (the message lists them).
@@ -388,11 +396,14 @@ class MindSporeBackend(Backend):
             NonFloatingParameterError: the parameter's dtype is not float16/bfloat16/float32/float64.
             DimError: ``dim`` is not None or an int within the canonical rank.
         """
+        fused = options.pop("fused", False)
         if options:
             raise OptionError(
-                f"the mindspore backend takes no options, got {', '.join(sorted(options))}. "
-                "Pass only name=, dim= and eps= to xnorm.wrap."
+                f"the mindspore backend takes no options besides fused=, got {', '.join(sorted(options))}. "
+                "Pass only name=, dim=, eps= and fused= to xnorm.wrap."
             )
+        if not isinstance(fused, bool):
+            raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
         if not isinstance(layer, nn.Cell):
             raise BackendDetectionError(
                 f"the mindspore backend wraps mindspore.nn.Cell layers, got an object of type "
@@ -432,6 +443,10 @@ class MindSporeBackend(Backend):
 
         v = param.value().copy()
         g = _initial_g(v, axes, keep_dims=dim is not None, eps=spec.eps)
+        if fused:
+            from .fused import FusedWeightNormCell  # imported on first use: the default path never needs it
+
+            return FusedWeightNormCell(layer, kind, name, spec, g, v, dim, storage_dim, axes)
         return WeightNormCell(layer, kind, name, spec, g, v, dim, storage_dim, axes)
 
     # -- remove --------------------------------------------------------------------------------------

@@ -47,7 +47,8 @@ from xnorm.spec import LayerKind, StorageLayout
 from ..adapter import Adapter
 from ..cases import LayerCase
 
-__all__ = ["MindSporeGraphAdapter", "MindSporePyNativeAdapter", "build_mindspore_layer", "storage_layout"]
+__all__ = ["MindSporeGraphAdapter", "MindSporePyNativeAdapter", "MindSporeGraphFusedAdapter", "build_mindspore_layer",
+           "storage_layout"]
 
 _DTYPES = {"float16": mindspore.float16, "float32": mindspore.float32, "float64": mindspore.float64,
            "bfloat16": mindspore.bfloat16}
@@ -194,8 +195,11 @@ class _MindSporeAdapter(Adapter):
         self._layouts[cell] = layout
         return cell
 
+    #: passed to xnorm.wrap as fused=; True only in the fused adapters.
+    fused: bool = False
+
     def wrap(self, handle: nn.Cell, dim: Optional[int]) -> nn.Cell:
-        wrapped = xnorm.wrap(handle, dim=dim)
+        wrapped = xnorm.wrap(handle, dim=dim, fused=self.fused)
         self._layouts[wrapped] = self._layouts[handle]
         return wrapped
 
@@ -319,3 +323,12 @@ class MindSporePyNativeAdapter(_MindSporeAdapter):
 
     name = "mindspore-pynative"
     mode = mindspore.PYNATIVE_MODE
+
+
+class MindSporeGraphFusedAdapter(MindSporeGraphAdapter):
+    """GRAPH_MODE with ``xnorm.wrap(..., fused=True)``: the same catalogue and tolerances, run through
+    the path that scales the layer's output or input by ``g / ||v||`` instead of building ``w`` (and
+    materialises ``w`` where :func:`xnorm.spec.fused_scale_side` says the algebra does not apply)."""
+
+    name = "mindspore-graph-fused"
+    fused = True

@@ -112,7 +112,7 @@ def test_unknown_option_and_bad_eps():
     dense = nn.Dense(3, 2)
     before = snapshot(dense)
     with pytest.raises(OptionError):
-        xnorm.wrap(dense, fused=True)
+        xnorm.wrap(dense, colour="red")
     with pytest.raises(OptionError):
         xnorm.wrap(dense, eps=-1.0)
     assert_untouched(dense, before)

@@ -1,0 +1,336 @@
+"""Benchmarks of the MindSpore backend (issue 6), GRAPH_MODE: training step, forward, inference, compile time.
+
+    python benchmarks/bench_mindspore.py [--repeats N] [--sizes a,b] [--quick] [--results-dir DIR]
+
+writes ``<results-dir>/mindspore.json`` (default ``benchmarks/results/``; rows as described in
+``benchmarks/harness.py``) and prints the median ratios. Every variant of one ``(group, size, task)``
+is timed in one :func:`harness.interleave` call (compile: one round-robin loop of the same kind), so
+each ratio compares timings of the same minute.
+
+Variants, all starting from the same weights, ``dim=0`` everywhere (torch's layout: the output
+channels of Dense and Conv, one norm per output channel as in the counter-example below):
+
+``train`` (forward, ``mean(y**2)``, backward, ``nn.SGD`` update, compiled as one ``mindspore.jit``
+function of ``mindspore.value_and_grad`` and the optimizer, as the README and the conformance adapter
+train; the MindSpore 2.x idiom, and the same graph a ``TrainOneStepCell`` compiles)
+    ``plain``, ``xnorm``, ``xnorm-fused``.
+``forward`` (the Cell called in GRAPH_MODE, training mode)
+    ``plain``, ``xnorm``, ``xnorm-fused``, ``native:assign-wrapper``: the community Cell that
+    ``ops.Assign``s ``g * v / ||v||`` into the inner layer's weight before calling it
+    (:class:`AssignWeightNorm`). Its gradients miss g and v (see tests/mindspore/test_training.py),
+    so it is timed forward only; MindSpore has no weight norm of its own.
+``inference`` (``set_train(False)``)
+    ``plain``, ``removed`` (``xnorm.remove`` of a wrapped copy), ``xnorm``, ``xnorm-fused``.
+``compile`` (size ``small-model``: 4 Conv1d + 2 Dense, every layer wrapped)
+    ``plain``, ``xnorm``, ``xnorm-fused``: per repetition a fresh model and a fresh jit training
+    step; the first call (compile + run) minus the second (run) is the compile time.
+
+Group ``graph/<device>`` (``graph/cpu`` here). The default repeats keep a whole run near 4 minutes on
+a quiet 2-core machine; the Conv1d (vocoder) size dominates it (about 60 GFLOP per forward, 0.7 s
+forward and 2 s per training step there), with one call per repetition.
+
+oneDNN on AVX-512 CPUs: MindSpore 2.10 hands its CPU convolutions plain NCHW memory, for which the
+bundled oneDNN picks ``jit_uni_ncsp`` on AVX-512 machines, about 150x slower than the ``gemm:jit``
+kernel it picks when limited to AVX2 (4.4 s against 0.03 s for the Conv2d size's forward, measured
+with ``ONEDNN_VERBOSE=1``). Unless ``ONEDNN_MAX_CPU_ISA`` is already set, this script sets it to
+``AVX2`` before MindSpore loads, so that the convolution sizes time the convolution and not that
+kernel choice; the value used is saved with the machine info. Set ``ONEDNN_MAX_CPU_ISA=ALL`` to time
+oneDNN's own choice. CPU graphs run synchronously (the call returns when the result is ready; timed
+with ``asnumpy`` afterwards: 0.1 ms), so only other devices call ``mindspore.runtime.synchronize``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+# Read by oneDNN when MindSpore loads it: must come before the import (see the module docstring).
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+import mindspore as ms  # noqa: E402
+import numpy as np  # noqa: E402
+from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402 - a sibling file, not a package
+
+import xnorm  # noqa: E402
+
+#: size -> (layer factory, input shape); shapes in torch's layout, as in harness.SIZES. MindSpore's
+#: convolutions default to no bias and pad_mode="same": these match torch's layers (bias, zero padding).
+LAYERS: Dict[str, Tuple[Callable[[], nn.Cell], Tuple[int, ...]]] = {
+    "linear-64": (lambda: nn.Dense(64, 64), (8, 64)),
+    "linear-1024": (lambda: nn.Dense(1024, 1024), (64, 1024)),
+    "conv1d-512-k7": (lambda: nn.Conv1d(512, 512, 7, pad_mode="pad", padding=3, has_bias=True), (8, 512, 4096)),
+    "conv2d-64-3x3": (lambda: nn.Conv2d(64, 64, 3, pad_mode="pad", padding=1, has_bias=True), (16, 64, 64, 64)),
+}
+assert set(LAYERS) == set(harness.SIZES), "bench_mindspore.LAYERS must cover harness.SIZES"
+
+#: Default repetitions per size: cheap sizes afford many, the vocoder Conv1d (seconds per step) few.
+DEFAULT_REPEATS = {"linear-64": 21, "linear-1024": 21, "conv1d-512-k7": 5, "conv2d-64-3x3": 11}
+#: Warm-up calls per variant before timing (the first call compiles the graph).
+DEFAULT_WARMUP = {"linear-64": 3, "linear-1024": 3, "conv1d-512-k7": 1, "conv2d-64-3x3": 2}
+COMPILE_REPEATS = 5
+COMPILE_SIZE = "small-model"
+
+LEARNING_RATE = 1e-4  # small: thousands of steps must not drive the weights to zero or infinity
+TRAIN_VARIANTS = ("plain", "xnorm", "xnorm-fused")
+FORWARD_VARIANTS = ("plain", "xnorm", "xnorm-fused", "native:assign-wrapper")
+INFERENCE_VARIANTS = ("plain", "removed", "xnorm", "xnorm-fused")
+COMPILE_VARIANTS = ("plain", "xnorm", "xnorm-fused")
+
+
+class AssignWeightNorm(nn.Cell):
+    """The community pattern, kept as the counter-example: ``ops.Assign(inner.weight, g * v / ||v||)``,
+    then ``inner(x)``. The output is right; the gradient lands on ``inner.weight`` (overwritten by the
+    next call), so g and v get zeros and never train. ``dim=0``: one norm per output channel."""
+
+    def __init__(self, layer: nn.Cell):
+        super().__init__()
+        self.layer = layer
+        weight = layer.weight.asnumpy()
+        self.axes = tuple(range(1, weight.ndim))
+        norm = np.sqrt(np.sum(weight.astype(np.float64) ** 2, axis=self.axes, keepdims=True))
+        self.weight_g = Parameter(Tensor(norm.astype(weight.dtype)), name="weight_g")
+        self.weight_v = Parameter(Tensor(weight.copy()), name="weight_v")
+        self.assign = ops.Assign()
+        self.sum = ops.ReduceSum(keep_dims=True)
+
+    def construct(self, x):
+        norm = ops.sqrt(self.sum(self.weight_v * self.weight_v, self.axes))
+        self.assign(self.layer.weight, self.weight_v * (self.weight_g / norm))
+        return self.layer(x)
+
+
+def _sync() -> None:
+    # CPU graphs have finished when the call returns (and synchronize() logs an error on the CPU).
+    if ms.get_context("device_target") != "CPU":
+        ms.runtime.synchronize()
+
+
+def _seeded(factory: Callable[[], nn.Cell], seed: int = 0) -> Callable[[], nn.Cell]:
+    """A factory whose layers all start from the same weights and bias (drawn once)."""
+    template = factory()
+    rng = np.random.default_rng(seed)
+    fan_in = int(np.prod(template.weight.shape[1:]))
+    weight = (rng.standard_normal(template.weight.shape) / np.sqrt(fan_in)).astype(np.float32)
+    bias = (rng.standard_normal(template.bias.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    def build() -> nn.Cell:
+        layer = factory()
+        layer.weight.set_data(Tensor(weight.copy()))
+        layer.bias.set_data(Tensor(bias.copy()))
+        return layer
+
+    return build
+
+
+def build_variant(variant: str, build: Callable[[], nn.Cell]) -> nn.Cell:
+    """A fresh layer from ``build`` with ``variant``'s weight norm (dim=0)."""
+    layer = build()
+    if variant == "plain":
+        return layer
+    if variant == "xnorm":
+        return xnorm.wrap(layer, dim=0)
+    if variant == "xnorm-fused":
+        return xnorm.wrap(layer, dim=0, fused=True)
+    if variant == "native:assign-wrapper":
+        return AssignWeightNorm(layer)
+    if variant == "removed":
+        return xnorm.remove(xnorm.wrap(layer, dim=0))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def train_step(cell: nn.Cell) -> Callable[[Tensor], Tensor]:
+    """One compiled training step: forward, mean(y**2), backward and nn.SGD in one mindspore.jit graph."""
+    cell.set_train(True)
+    optimizer = nn.SGD(cell.trainable_params(), learning_rate=LEARNING_RATE)
+
+    def loss_fn(x):
+        return ops.square(cell(x)).mean()
+
+    grad_fn = ms.value_and_grad(loss_fn, None, optimizer.parameters)
+
+    @ms.jit
+    def step(x):
+        loss, grads = grad_fn(x)
+        optimizer(grads)
+        return loss
+
+    return step
+
+
+def forward_call(cell: nn.Cell, *, training: bool) -> Callable[[Tensor], Tensor]:
+    cell.set_train(training)
+    return cell
+
+
+def run_size(group: str, size: str, repeats: int, warmup: int, min_rep_seconds: float) -> List[harness.Measurement]:
+    factory, input_shape = LAYERS[size]
+    build = _seeded(factory)
+    x = Tensor(np.random.default_rng(1).standard_normal(input_shape).astype(np.float32))
+    rows = []
+    tasks = (("train", TRAIN_VARIANTS), ("forward", FORWARD_VARIANTS), ("inference", INFERENCE_VARIANTS))
+    for task, variants in tasks:
+        candidates = {}
+        for variant in variants:
+            cell = build_variant(variant, build)
+            if task == "train":
+                fn = train_step(cell)
+            else:
+                fn = forward_call(cell, training=task == "forward")
+            candidates[variant] = lambda fn=fn: fn(x)
+        times = harness.interleave(
+            candidates, repeats=repeats, warmup=warmup, min_rep_seconds=min_rep_seconds, sync=_sync
+        )
+        note = {
+            "train": f"GRAPH_MODE; jit(value_and_grad + nn.SGD lr={LEARNING_RATE:g}); loss mean(y**2); dim=0",
+            "forward": "GRAPH_MODE Cell call, set_train(True); dim=0",
+            "inference": "GRAPH_MODE Cell call, set_train(False); dim=0",
+        }[task]
+        for variant in variants:
+            extra_note = note + ("; forward only: its gradients miss g and v" if variant.startswith("native:") else "")
+            rows.append(harness.Measurement(group, size, task, variant, times[variant], note=extra_note))
+    return rows
+
+
+# -- compile time --------------------------------------------------------------------------------------
+class SmallModel(nn.Cell):
+    """4 Conv1d + 2 Dense, each optionally wrapped: a stand-in for a vocoder block's compile cost."""
+
+    def __init__(self, wrap: Callable[[nn.Cell], nn.Cell]):
+        super().__init__()
+        channels = (8, 16, 16, 16, 16)
+        self.convs = nn.CellList([
+            wrap(nn.Conv1d(channels[i], channels[i + 1], 5, pad_mode="pad", padding=2, has_bias=True))
+            for i in range(4)
+        ])
+        self.hidden = wrap(nn.Dense(16 * 32, 64))
+        self.head = wrap(nn.Dense(64, 4))
+        self.act = nn.LeakyReLU(0.1)
+
+    def construct(self, x):
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return self.head(self.act(self.hidden(x.reshape(x.shape[0], -1))))
+
+
+def _compile_wrapper(variant: str) -> Callable[[nn.Cell], nn.Cell]:
+    if variant == "plain":
+        return lambda layer: layer
+    fused = variant == "xnorm-fused"
+    return lambda layer: xnorm.wrap(layer, dim=0, fused=fused)
+
+
+def run_compile(group: str, repeats: int) -> List[harness.Measurement]:
+    """First call minus a warm call of a fresh model's jit training step, round-robin over the variants."""
+    x = Tensor(np.random.default_rng(2).standard_normal((4, 8, 32)).astype(np.float32))
+    times: Dict[str, List[float]] = {variant: [] for variant in COMPILE_VARIANTS}
+    extra: Dict[str, List[float]] = {variant: [] for variant in COMPILE_VARIANTS}
+    names = list(COMPILE_VARIANTS)
+    for rep in range(repeats):
+        shift = rep % len(names)
+        for variant in names[shift:] + names[:shift]:
+            step = train_step(SmallModel(_compile_wrapper(variant)))
+            start = time.perf_counter()
+            step(x)
+            _sync()
+            first = time.perf_counter()
+            step(x)
+            _sync()
+            warm = time.perf_counter()
+            times[variant].append(((first - start) - (warm - first)) * 1e3)
+            extra[variant].append((warm - first) * 1e3)
+    return [
+        harness.Measurement(group, COMPILE_SIZE, "compile", variant, times[variant],
+                            note="4 Conv1d(8->16, k5) + 2 Dense, jit(value_and_grad + nn.SGD), input (4, 8, 32); "
+                                 "first call minus a warm call",
+                            extra={"warm_call_ms": statistics.median(extra[variant])})
+        for variant in COMPILE_VARIANTS
+    ]
+
+
+# -- report -----------------------------------------------------------------------------------------
+def ratio(rows: List[harness.Measurement], variant: str, baseline: str) -> Optional[float]:
+    """Median over repetitions of the per-repetition ratio ``variant / baseline`` (rows of one interleave)."""
+    by_variant = {row.variant: row.per_call_ms for row in rows}
+    if variant not in by_variant or baseline not in by_variant:
+        return None
+    pairs = [(a, b) for a, b in zip(by_variant[variant], by_variant[baseline], strict=True) if b > 0]
+    return statistics.median(a / b for a, b in pairs) if pairs else None
+
+
+def print_table(rows: List[harness.Measurement]) -> None:
+    order = list(LAYERS) + [COMPILE_SIZE]
+    tasks = ("train", "forward", "inference", "compile")
+    keys = sorted({(row.group, row.size, row.task) for row in rows},
+                  key=lambda k: (k[0], order.index(k[1]), tasks.index(k[2])))
+    print("\nmedian per-repetition ratios (lower is faster); plain ms = median time per call of the plain layer")
+    header = (f"{'group':<10} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} {'assign':>7} "
+              f"{'removed':>7} {'best/assign':>12}")
+    print(header)
+    print("-" * len(header))
+    for group, size, task in keys:
+        these = [row for row in rows if (row.group, row.size, row.task) == (group, size, task)]
+        plain_ms = next(row.median_ms for row in these if row.variant == "plain")
+
+        def cell(variant, baseline="plain", these=these):
+            value = ratio(these, variant, baseline)
+            return f"{value:7.3f}" if value is not None else f"{'-':>7}"
+
+        best = [(ratio(these, mode, "native:assign-wrapper"), mode) for mode in ("xnorm", "xnorm-fused")]
+        best = [(r, mode) for r, mode in best if r is not None]
+        best_text = f"{min(best)[0]:.3f} ({'fused' if min(best)[1] == 'xnorm-fused' else 'xnorm'})" if best else "-"
+        print(f"{group:<10} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
+              f"{cell('native:assign-wrapper')} {cell('removed')} {best_text:>12}")
+    print("columns xnorm..removed: variant / plain; assign = the ops.Assign community wrapper (forward only)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions per variant (default: per size)")
+    parser.add_argument("--sizes", default=",".join(LAYERS),
+                        help=f"comma-separated, from {', '.join(LAYERS)}; the compile task always runs")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 2 repetitions, tiny warm-up")
+    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
+    unknown = [size for size in sizes if size not in LAYERS]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {', '.join(LAYERS)}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    group = f"graph/{ms.get_context('device_target').lower()}"
+    rows: List[harness.Measurement] = []
+    started = time.perf_counter()
+    for size in sizes:
+        if args.quick:
+            repeats, warmup, min_rep_seconds = args.repeats or 2, 1, 0.0
+        else:
+            repeats, warmup, min_rep_seconds = args.repeats or DEFAULT_REPEATS[size], DEFAULT_WARMUP[size], 0.1
+        size_start = time.perf_counter()
+        rows += run_size(group, size, repeats, warmup, min_rep_seconds)
+        print(f"{group} {size}: {time.perf_counter() - size_start:.1f} s", file=sys.stderr)
+    compile_start = time.perf_counter()
+    rows += run_compile(group, args.repeats or (2 if args.quick else COMPILE_REPEATS))
+    print(f"{group} {COMPILE_SIZE} compile: {time.perf_counter() - compile_start:.1f} s", file=sys.stderr)
+
+    machine = harness.machine_info(mindspore=ms.__version__, mode="GRAPH_MODE",
+                                   device_target=ms.get_context("device_target"),
+                                   onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", ""), quick=str(args.quick))
+    path = harness.save("mindspore", rows, machine, args.results_dir)
+    print_table(rows)
+    print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s, saved to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
