@@ -273,7 +273,7 @@ def fused_scale_side(kind: str, dim: Optional[int]) -> Optional[str]:
     ====================  ==========  =============================================================
     kind                  dim         side
     ====================  ==========  =============================================================
-    any kind              None        :data:`FUSED_OUTPUT` (s is a scalar)
+    any kind but generic  None        :data:`FUSED_OUTPUT` (s is a scalar)
     linear, conv*d        0 (out)     :data:`FUSED_OUTPUT`
     linear                1 (in)      :data:`FUSED_INPUT`
     conv*d                1           :data:`FUSED_INPUT`; with groups > 1 the in/groups scale is
@@ -289,6 +289,8 @@ def fused_scale_side(kind: str, dim: Optional[int]) -> Optional[str]:
     rounding only (it must, and does, pass the conformance tolerances); the default (``fused=False``)
     stays bit-equal to torch's own weight norm.
     """
+    if kind not in LayerKind.ALL or kind == LayerKind.GENERIC:
+        return None  # nothing says an arbitrary module is linear in its weight
     if dim is None:
         return FUSED_OUTPUT
     if kind == LayerKind.LINEAR or kind in LayerKind.CONV:

@@ -87,3 +87,17 @@ def test_weight_norm_spec_rejects_negative_eps():
 def test_axis_names_follow_the_canonical_layouts():
     assert LayerKind.axis_names("conv_transpose2d", 4) == ("in", "out/groups", "k0", "k1")
     assert LayerKind.axis_names("linear", 2) == ("out", "in")
+
+
+def test_fused_scale_side_table():
+    from xnorm.spec import FUSED_INPUT, FUSED_OUTPUT, FUSED_ROWS, fused_scale_side
+
+    # Each side follows from which axis of torch's layout dim indexes (LayerKind's table).
+    assert fused_scale_side("linear", 0) == FUSED_OUTPUT and fused_scale_side("linear", 1) == FUSED_INPUT
+    assert fused_scale_side("conv2d", 0) == FUSED_OUTPUT and fused_scale_side("conv2d", 1) == FUSED_INPUT
+    assert fused_scale_side("conv2d", 2) is None and fused_scale_side("conv1d", 2) is None
+    assert fused_scale_side("conv_transpose1d", 0) == FUSED_INPUT
+    assert fused_scale_side("conv_transpose3d", 1) == FUSED_OUTPUT
+    assert fused_scale_side("embedding", 0) == FUSED_ROWS and fused_scale_side("embedding", 1) == FUSED_OUTPUT
+    assert fused_scale_side("conv3d", None) == FUSED_OUTPUT
+    assert fused_scale_side("generic", None) is None and fused_scale_side("generic", 0) is None
