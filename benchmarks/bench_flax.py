@@ -32,7 +32,6 @@ exposes as ``nnx.Param`` (the layer's kernel and bias), and that is noted in its
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -279,18 +278,9 @@ def print_table(rows: List[harness.Measurement]) -> None:
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=None, help="repetitions per variant (default: per size)")
-    parser.add_argument("--sizes", default=",".join(harness.SIZES), help="comma-separated subset of the sizes")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions and shrunk conv shapes")
-    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR)
-    args = parser.parse_args(argv)
-    sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
-    unknown = [size for size in sizes if size not in harness.SIZES]
-    if unknown:
-        parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(harness.SIZES)}")
-    if args.repeats is not None and args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    args, sizes = harness.parse_args(
+        __doc__.split("\n\n")[0], argv, quick_help="smoke run: 2 repetitions and shrunk conv shapes"
+    )
 
     np.random.seed(0)
     rows = run(sizes, args.repeats, args.quick)

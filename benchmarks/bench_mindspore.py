@@ -41,7 +41,6 @@ with ``asnumpy`` afterwards: 0.1 ms), so only other devices call ``mindspore.run
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -206,10 +205,12 @@ class SmallModel(nn.Cell):
     def __init__(self, wrap: Callable[[nn.Cell], nn.Cell]):
         super().__init__()
         channels = (8, 16, 16, 16, 16)
-        self.convs = nn.CellList([
-            wrap(nn.Conv1d(channels[i], channels[i + 1], 5, pad_mode="pad", padding=2, has_bias=True))
-            for i in range(4)
-        ])
+        self.convs = nn.CellList(
+            [
+                wrap(nn.Conv1d(channels[i], channels[i + 1], 5, pad_mode="pad", padding=2, has_bias=True))
+                for i in range(4)
+            ]
+        )
         self.hidden = wrap(nn.Dense(16 * 32, 64))
         self.head = wrap(nn.Dense(64, 4))
         self.act = nn.LeakyReLU(0.1)
@@ -247,10 +248,16 @@ def run_compile(group: str, repeats: int) -> List[harness.Measurement]:
             times[variant].append(((first - start) - (warm - first)) * 1e3)
             extra[variant].append((warm - first) * 1e3)
     return [
-        harness.Measurement(group, COMPILE_SIZE, "compile", variant, times[variant],
-                            note="4 Conv1d(8->16, k5) + 2 Dense, jit(value_and_grad + nn.SGD), input (4, 8, 32); "
-                                 "first call minus a warm call",
-                            extra={"warm_call_ms": statistics.median(extra[variant])})
+        harness.Measurement(
+            group,
+            COMPILE_SIZE,
+            "compile",
+            variant,
+            times[variant],
+            note="4 Conv1d(8->16, k5) + 2 Dense, jit(value_and_grad + nn.SGD), input (4, 8, 32); "
+            "first call minus a warm call",
+            extra={"warm_call_ms": statistics.median(extra[variant])},
+        )
         for variant in COMPILE_VARIANTS
     ]
 
@@ -268,11 +275,14 @@ def ratio(rows: List[harness.Measurement], variant: str, baseline: str) -> Optio
 def print_table(rows: List[harness.Measurement]) -> None:
     order = list(LAYERS) + [COMPILE_SIZE]
     tasks = ("train", "forward", "inference", "compile")
-    keys = sorted({(row.group, row.size, row.task) for row in rows},
-                  key=lambda k: (k[0], order.index(k[1]), tasks.index(k[2])))
+    keys = sorted(
+        {(row.group, row.size, row.task) for row in rows}, key=lambda k: (k[0], order.index(k[1]), tasks.index(k[2]))
+    )
     print("\nmedian per-repetition ratios (lower is faster); plain ms = median time per call of the plain layer")
-    header = (f"{'group':<10} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} {'assign':>7} "
-              f"{'removed':>7} {'best/assign':>12}")
+    header = (
+        f"{'group':<10} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} {'assign':>7} "
+        f"{'removed':>7} {'best/assign':>12}"
+    )
     print(header)
     print("-" * len(header))
     for group, size, task in keys:
@@ -286,26 +296,20 @@ def print_table(rows: List[harness.Measurement]) -> None:
         best = [(ratio(these, mode, "native:assign-wrapper"), mode) for mode in ("xnorm", "xnorm-fused")]
         best = [(r, mode) for r, mode in best if r is not None]
         best_text = f"{min(best)[0]:.3f} ({'fused' if min(best)[1] == 'xnorm-fused' else 'xnorm'})" if best else "-"
-        print(f"{group:<10} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
-              f"{cell('native:assign-wrapper')} {cell('removed')} {best_text:>12}")
+        print(
+            f"{group:<10} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
+            f"{cell('native:assign-wrapper')} {cell('removed')} {best_text:>12}"
+        )
     print("columns xnorm..removed: variant / plain; assign = the ops.Assign community wrapper (forward only)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=None, help="repetitions per variant (default: per size)")
-    parser.add_argument("--sizes", default=",".join(LAYERS),
-                        help=f"comma-separated, from {', '.join(LAYERS)}; the compile task always runs")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 2 repetitions, tiny warm-up")
-    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR)
-    args = parser.parse_args(argv)
-
-    sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
-    unknown = [size for size in sizes if size not in LAYERS]
-    if unknown:
-        parser.error(f"unknown size(s) {unknown}; choose from {', '.join(LAYERS)}")
-    if args.repeats is not None and args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    args, sizes = harness.parse_args(
+        __doc__.split("\n\n")[0],
+        argv,
+        quick_help="a smoke test: 2 repetitions, tiny warm-up",
+        sizes_help="; the compile task always runs",
+    )
 
     ms.set_context(mode=ms.GRAPH_MODE)
     group = f"graph/{ms.get_context('device_target').lower()}"
@@ -323,9 +327,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows += run_compile(group, args.repeats or (2 if args.quick else COMPILE_REPEATS))
     print(f"{group} {COMPILE_SIZE} compile: {time.perf_counter() - compile_start:.1f} s", file=sys.stderr)
 
-    machine = harness.machine_info(mindspore=ms.__version__, mode="GRAPH_MODE",
-                                   device_target=ms.get_context("device_target"),
-                                   onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", ""), quick=str(args.quick))
+    machine = harness.machine_info(
+        mindspore=ms.__version__,
+        mode="GRAPH_MODE",
+        device_target=ms.get_context("device_target"),
+        onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        quick=str(args.quick),
+    )
     path = harness.save("mindspore", rows, machine, args.results_dir)
     print_table(rows)
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s, saved to {path}")

@@ -24,7 +24,6 @@ size dominates it (about 60 GFLOP per forward), with one call per repetition.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -190,19 +189,9 @@ def print_table(rows: List[harness.Measurement]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=None, help="repetitions per variant (default: per size)")
-    parser.add_argument("--sizes", default=",".join(LAYERS), help=f"comma-separated, from {', '.join(LAYERS)}")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 2 repetitions, tiny warm-up")
-    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR)
-    args = parser.parse_args(argv)
-
-    sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
-    unknown = [size for size in sizes if size not in LAYERS]
-    if unknown:
-        parser.error(f"unknown size(s) {unknown}; choose from {', '.join(LAYERS)}")
-    if args.repeats is not None and args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    args, sizes = harness.parse_args(
+        __doc__.split("\n\n")[0], argv, quick_help="a smoke test: 2 repetitions, tiny warm-up"
+    )
 
     groups = [("cpu", "cpu", None)]
     if torch.cuda.is_available():

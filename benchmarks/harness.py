@@ -28,6 +28,7 @@ interleaved by one :func:`interleave` call. ``group`` names the mode and device 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -142,3 +143,22 @@ def save(backend: str, rows: List[Measurement], machine: Mapping[str, str], resu
 
 def load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def parse_args(description: str, argv: Optional[List[str]], *, quick_help: str, sizes_help: str = ""):
+    """The command line every backend's benchmark shares; returns ``(args, sizes)``, sizes checked against SIZES."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions per variant (default: per size)")
+    parser.add_argument(
+        "--sizes", default=",".join(SIZES), help=f"comma-separated, from {', '.join(SIZES)}{sizes_help}"
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
+    unknown = [size for size in sizes if size not in SIZES]
+    if unknown:
+        parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args, sizes

@@ -208,8 +208,12 @@ class WeightNormCell(nn.Cell):
         self.update_parameters_name("")
 
     # -- the reparametrization ---------------------------------------------------------------------
-    def _weight(self):
-        """``w`` in the weight's dtype and storage layout, differentiable with respect to g and v."""
+    def _g_v_and_scale(self):
+        """``(v, s)`` in the compute dtype (float32 for float16/bfloat16 weights): ``s = g / ||v||``, g's shape.
+
+        The one place the norm is computed: the default path multiplies v by s, the fused path
+        (:mod:`.fused`) applies s to the layer's output or input instead.
+        """
         g = getattr(self, self._g_name)
         v = getattr(self, self._v_name)
         if self._low_precision:
@@ -218,7 +222,12 @@ class WeightNormCell(nn.Cell):
         squares = self._sum_squares(v * v, self._axes)
         if self.eps is not None:
             squares = squares + self.eps
-        w = v * (g / ops.sqrt(squares))
+        return v, g / ops.sqrt(squares)
+
+    def _weight(self):
+        """``w`` in the weight's dtype and storage layout, differentiable with respect to g and v."""
+        v, s = self._g_v_and_scale()
+        w = v * s
         if self._low_precision:
             w = ops.cast(w, self._weight_dtype)
         return w

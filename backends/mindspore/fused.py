@@ -109,16 +109,8 @@ class FusedWeightNormCell(WeightNormCell):
 
     # -- the scale -----------------------------------------------------------------------------------
     def _scale(self):
-        """``s = g / ||v||`` in the compute dtype (float32 for float16/bfloat16 weights), g's shape."""
-        g = getattr(self, self._g_name)
-        v = getattr(self, self._v_name)
-        if self._low_precision:
-            g = ops.cast(g, self._compute_dtype)
-            v = ops.cast(v, self._compute_dtype)
-        squares = self._sum_squares(v * v, self._axes)
-        if self.eps is not None:
-            squares = squares + self.eps
-        return g / ops.sqrt(squares)
+        """``s = g / ||v||`` in the compute dtype, g's shape: the default path's factor, bit for bit."""
+        return self._g_v_and_scale()[1]
 
     def _shaped(self, s):
         """s reshaped (and tiled over groups) to broadcast against the tensor it scales."""
