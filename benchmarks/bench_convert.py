@@ -125,6 +125,9 @@ def run(to: str, size_mb: int, repeats: int, results_dir: Path) -> Path:
                 ],
                 capture_output=True,
                 text=True,
+                # Not the repository root: `python -c` puts the working folder first on sys.path, where the
+                # source folder xnorm/ (without its installed backends) would shadow the installed package.
+                cwd=tmp,
             )
             if proc.returncode != 0:
                 raise SystemExit(f"conversion child failed:\n{proc.stderr[-4000:]}")
