@@ -39,6 +39,8 @@ class Adapter(abc.ABC):
     backend: str = ""
     #: dtypes this adapter can run (names from xnorm.spec.FLOATING_DTYPES).
     dtypes: Sequence[str] = ("float32", "float64")
+    #: Why a dtype of the catalogue is not in ``dtypes`` (shown in the report next to its not-run cases).
+    dtype_reasons: Dict[str, str] = {}
     #: devices the suite may ask for; ``supports_device`` says which are present on this machine.
     devices: Sequence[str] = ("cpu",)
 

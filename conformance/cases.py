@@ -14,9 +14,14 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from xnorm.reference import round_to_dtype
-from xnorm.spec import LayerKind
+from xnorm.spec import FLOATING_DTYPES, LayerKind
 
-__all__ = ["LayerCase", "Case", "LAYERS", "catalogue", "dims_for"]
+__all__ = ["LayerCase", "Case", "LAYERS", "CATALOGUE_DTYPES", "catalogue", "dims_for"]
+
+#: Every dtype the catalogue holds cases for. An adapter runs those it lists in ``Adapter.dtypes``; the
+#: others are reported as not run, with the adapter's reason (``Adapter.dtype_reasons``).
+CATALOGUE_DTYPES = ("float32", "float64", "bfloat16", "float16")
+assert sorted(CATALOGUE_DTYPES) == sorted(FLOATING_DTYPES), "the catalogue covers every dtype of the spec"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,8 @@ class Case:
     dim: Optional[int]
     dtype: str
     device: str
+    #: The reparametrization under test (one name of xnorm's spec).
+    reparametrization: str = "weight_norm"
 
     @property
     def id(self) -> str:

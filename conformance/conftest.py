@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from xnorm.conformance.adapters import adapter_names, installed_adapters, load_adapter
-from xnorm.conformance.cases import catalogue
+from xnorm.conformance.cases import CATALOGUE_DTYPES, catalogue
 from xnorm.conformance.runner import SuiteRun
 
 
@@ -31,6 +31,11 @@ def pytest_addoption(parser):
         help="cpu, gpu or ascend (repeatable; default: cpu). Absent devices are reported as not run.",
     )
     group.addoption("--results-dir", default="conformance-results", help="where each adapter's results are saved")
+    group.addoption(
+        "--best-effort",
+        action="store_true",
+        help="exit 0 although a requested device is absent (its cases are still reported not run)",
+    )
 
 
 def _selected(config):
@@ -56,8 +61,8 @@ def pytest_generate_tests(metafunc):
     names, devices = _selected(metafunc.config)
     params = []
     for name in names:
-        adapter = _suite(metafunc.config, name).adapter
-        for case in catalogue(adapter.dtypes, devices):
+        _suite(metafunc.config, name)  # load it now: an unknown or uninstalled backend fails at collection
+        for case in catalogue(CATALOGUE_DTYPES, devices):
             params.append(pytest.param(name, case, id=f"{name}::{case.id}"))
     metafunc.parametrize(("adapter_name", "conformance_case"), params)
 
@@ -68,15 +73,29 @@ def conformance_suite(request, adapter_name):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    results_dir = Path(session.config.getoption("--results-dir"))
-    for suite in session.config._xnorm_suites.values():
-        if suite.results:
-            folder = suite.save(results_dir)
-            session.config._xnorm_saved = getattr(session.config, "_xnorm_saved", []) + [str(folder)]
+    config = session.config
+    results_dir = Path(config.getoption("--results-dir"))
+    config._xnorm_saved, config._xnorm_incomplete = [], []
+    for suite in config._xnorm_suites.values():
+        if not suite.results:
+            continue
+        config._xnorm_saved.append(str(suite.save(results_dir)))
+        absent = suite.absent_devices()
+        if absent and not config.getoption("--best-effort"):
+            config._xnorm_incomplete.append(f"{suite.adapter.name}: device(s) {', '.join(absent)} absent")
+    # Every case skipped because its device is absent would otherwise end as a green run.
+    if config._xnorm_incomplete and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, config):
     for folder in getattr(config, "_xnorm_saved", []):
         terminalreporter.write_line(
             f"xnorm conformance results saved in {folder} (report.md, summary.json, arrays.npz)"
+        )
+    for line in getattr(config, "_xnorm_incomplete", []):
+        terminalreporter.write_line(
+            f"xnorm conformance incomplete: {line}; nothing was checked there (exit status 1; "
+            "--best-effort to accept)",
+            red=True,
         )

@@ -48,17 +48,21 @@ from xnorm.reference import round_to_dtype
 
 from . import layers
 from .adapter import Adapter
-from .cases import Case, catalogue
+from .cases import CATALOGUE_DTYPES, Case, catalogue
 from .tolerances import TOLERANCE_VERSION, compare, tolerance
 
 __all__ = [
     "TRAINING_STEPS",
     "LEARNING_RATE",
+    "STATES",
     "CheckResult",
     "CaseResult",
     "ExpectedFailure",
     "load_expected_failures",
     "run_case",
+    "not_run",
+    "case_state",
+    "state_counts",
     "SuiteRun",
     "run_suite",
 ]
@@ -82,49 +86,97 @@ CHECK_QUANTITY = {
 CHECKS = tuple(CHECK_QUANTITY)
 
 
+def state_counts(states: Iterable[str]) -> Dict[str, int]:
+    """``{state: count}`` over :data:`STATES`, every state present (zeros included), in that order."""
+    counts = dict.fromkeys(STATES, 0)
+    for state in states:
+        counts[state] += 1
+    return counts
+
+
 class ConformanceError(Exception):
     """A misuse of the suite itself (bad expected-failure file, adapter breaking the protocol)."""
 
 
+#: The four states of a check, and of a case (the worst of its checks, see :func:`case_state`).
+PASSED, FAILED, XFAIL, NOT_RUN = "passed", "failed", "xfail", "not-run"
+STATES = (PASSED, FAILED, XFAIL, NOT_RUN)
+
+
 @dataclasses.dataclass
 class CheckResult:
+    """One check of one case. It starts ``not-run`` and only a comparison (:meth:`add`) or a failure
+    (:meth:`fail`) moves it, so a check the life cycle never reached can never read as passed.
+
+    ``max_abs``, ``max_rel`` and ``ratio`` (worst error / allowed) are ``None`` until a comparison ran;
+    a failure without a comparison (the backend raised) has ``ratio`` inf and no errors. ``detail``
+    names the worst comparison, the failure, or why the check did not run or was expected to fail.
+    """
+
     check: str
     quantity: str
     rtol: float
     atol: float
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    ratio: float = 0.0
-    passed: bool = True
-    detail: str = ""
+    state: str = NOT_RUN
+    max_abs: Optional[float] = None
+    max_rel: Optional[float] = None
+    ratio: Optional[float] = None
+    detail: str = "not reached"
+
+    @property
+    def passed(self) -> bool:
+        return self.state == PASSED
+
+    @property
+    def failed(self) -> bool:
+        return self.state == FAILED
 
     def add(self, actual, expected, what: str) -> None:
         """Fold one comparison into this check, keeping the worst errors."""
+        if self.state == NOT_RUN:
+            self.state, self.detail, self.ratio, self.max_abs, self.max_rel = PASSED, "", 0.0, 0.0, 0.0
         try:
             result = compare(actual, expected, self.rtol, self.atol)
         except ValueError as error:
-            self.passed = False
-            self.ratio = float("inf")
-            self.detail = f"{what}: {error}"
+            self.fail(f"{what}: {error}")
             return
-        if result["ratio"] > self.ratio or not self.detail:
+        if result["ratio"] > (self.ratio or 0.0) or not self.detail:
             self.detail = what if result["passed"] else f"{what} out of tolerance"
-        self.max_abs = max(self.max_abs, result["max_abs"])
-        self.max_rel = max(self.max_rel, result["max_rel"])
-        self.ratio = max(self.ratio, result["ratio"])
-        self.passed = self.passed and result["passed"]
+        self.max_abs = max(self.max_abs or 0.0, result["max_abs"])
+        self.max_rel = max(self.max_rel or 0.0, result["max_rel"])
+        self.ratio = max(self.ratio or 0.0, result["ratio"])
+        if not result["passed"]:
+            self.state = FAILED
 
     def fail(self, detail: str) -> None:
-        self.passed = False
+        self.state = FAILED
         self.ratio = float("inf")
         self.detail = detail
+
+    def skip(self, reason: str) -> None:
+        """Mark a check that did not run, with the reason (only a check that never compared anything)."""
+        if self.state != NOT_RUN:
+            raise ConformanceError(f"check {self.check!r} already {self.state}; it cannot be marked not run")
+        self.detail = reason
+
+
+def case_state(checks: Iterable[CheckResult]) -> str:
+    """A case's state from its checks: failed if any check failed, else xfail if any was an expected
+    failure, else not-run if any did not run, else passed (every check ran and passed)."""
+    states = {check.state for check in checks}
+    for state in (FAILED, XFAIL, NOT_RUN):
+        if state in states:
+            return state
+    return PASSED if states else NOT_RUN
 
 
 @dataclasses.dataclass
 class CaseResult:
+    """One case of one adapter. ``status`` is one of :data:`STATES`; ``checks`` always holds every check
+    of :data:`CHECKS`, each in its own state, also for a case that did not run at all."""
+
     case: Case
     adapter: str
-    #: passed | failed | xfail | xpass | not-run | error
     status: str
     checks: Dict[str, CheckResult] = dataclasses.field(default_factory=dict)
     reason: str = ""
@@ -133,22 +185,37 @@ class CaseResult:
 
     @property
     def ok(self) -> bool:
-        """Neither a failure nor an unexpected pass."""
-        return self.status in ("passed", "xfail", "not-run")
+        """Nothing failed (passed, expected failures only, or not run)."""
+        return self.status != FAILED
 
     def failures(self) -> List[str]:
         return [
-            f"{c.check}: {c.detail} (worst error/allowed {c.ratio:.3g})" for c in self.checks.values() if not c.passed
+            f"{c.check}: {c.detail} (worst error/allowed {c.ratio:.3g})" for c in self.checks.values() if c.failed
         ]
 
     def to_json(self) -> dict:
         return {
             "id": self.case.id,
+            "reparametrization": self.case.reparametrization,
+            "dtype": self.case.dtype,
+            "device": self.case.device,
             "status": self.status,
             "reason": self.reason,
             "seconds": round(self.seconds, 4),
             "checks": {name: dataclasses.asdict(check) for name, check in self.checks.items()},
         }
+
+
+def _fresh_checks(case: Case) -> Dict[str, CheckResult]:
+    return {name: CheckResult(name, q, *tolerance(case.dtype, q)) for name, q in CHECK_QUANTITY.items()}
+
+
+def not_run(case: Case, adapter_name: str, reason: str) -> CaseResult:
+    """A case that did not run at all (device absent, dtype not offered): every check not run, with ``reason``."""
+    checks = _fresh_checks(case)
+    for check in checks.values():
+        check.skip(reason)
+    return CaseResult(case, adapter_name, NOT_RUN, checks, reason=reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,35 +285,46 @@ def _reference_step(case: Case, g, v, bias, x, target, dim):
 
 
 def run_case(adapter: Adapter, case: Case, expected_failures: Sequence[ExpectedFailure] = ()) -> CaseResult:
-    """Run one case's whole life cycle; never raises for a backend's failure (it is recorded)."""
+    """Run one case's whole life cycle; never raises for a backend's failure (it is recorded).
+
+    A backend that raises fails the check in progress; every check after it that compared nothing is
+    *not run*, with the reason. Failed checks that an expected-failure entry covers become *xfail*
+    (a check-less entry covers any check); an entry whose case then has no failure makes the case
+    *failed* (an unexpected pass: the entry is stale).
+    """
     start = time.perf_counter()
-    result = CaseResult(case, adapter.name, "passed")
-    checks = {name: CheckResult(name, q, *tolerance(case.dtype, q)) for name, q in CHECK_QUANTITY.items()}
-    result.checks = checks
-    saved = result.arrays
+    checks = _fresh_checks(case)
+    result = CaseResult(case, adapter.name, PASSED, checks)
     stage = ["plain_forward"]
     try:
-        _life_cycle(adapter, case, checks, saved, stage)
+        _life_cycle(adapter, case, checks, result.arrays, stage)
+        unreached = "the life cycle returned before this check (suite bug)"
     except Exception as error:  # a backend crash is a result, not a suite crash
         message = f"raised {type(error).__name__}: {error}"
         checks[stage[0]].fail(message)
-        result.status = "error"
         result.reason = message + "\n" + traceback.format_exc(limit=6)
+        unreached = f"not reached: {stage[0]} raised {type(error).__name__}"
     result.seconds = time.perf_counter() - start
-    failed = {name for name, check in checks.items() if not check.passed}
+    for check in checks.values():
+        if check.state == NOT_RUN:
+            check.skip(unreached)
     expected = _expected(case, expected_failures)
-    if expected:
-        covered = all(any(not e.check or e.check == name for e in expected) for name in failed)
-        if failed and covered:
-            result.status = "xfail"
-            result.reason = "; ".join(e.reason for e in expected)
-        elif not failed:
-            result.status = "xpass"
-            result.reason = "listed as an expected failure but passed: remove the entry (" + expected[0].case + ")"
-        else:
-            result.status = "failed" if result.status != "error" else "error"
-    elif failed and result.status != "error":
-        result.status = "failed"
+    failed = [check for check in checks.values() if check.failed]
+    for check in failed:
+        excuses = [e for e in expected if not e.check or e.check == check.check]
+        if excuses:
+            check.state = XFAIL
+            check.detail = f"expected: {'; '.join(e.reason for e in excuses)} (got: {check.detail})"
+    result.status = case_state(checks.values())
+    if expected and not failed:
+        result.status = FAILED
+        result.reason = "listed as an expected failure but passed: remove the entry (" + expected[0].case + ")"
+    elif result.status == XFAIL:
+        result.reason = "; ".join(dict.fromkeys(e.reason for e in expected))
+    elif result.status == NOT_RUN:
+        # Every check that ran passed, yet some never ran: the suite must not call that a pass.
+        result.status = FAILED
+        result.reason = result.reason or unreached
     return result
 
 
@@ -351,8 +429,10 @@ class SuiteRun:
         self._ready_device: Optional[str] = None
 
     def run(self, case: Case) -> CaseResult:
-        if not self.adapter.supports_device(case.device):
-            result = CaseResult(case, self.adapter.name, "not-run", reason=f"device {case.device!r} is not available")
+        """Run ``case`` (or record it as not run: a dtype the adapter does not offer, a device absent here)."""
+        reason = self.not_run_reason(case)
+        if reason:
+            result = not_run(case, self.adapter.name, reason)
         else:
             if self._ready_device != case.device or _ACTIVE.get("adapter") is not self.adapter:
                 self.adapter.setup(case.device)
@@ -362,31 +442,48 @@ class SuiteRun:
         self.results.append(result)
         return result
 
+    def not_run_reason(self, case: Case) -> str:
+        """Why ``case`` cannot run with this adapter here, or ``""``."""
+        if case.dtype not in self.adapter.dtypes:
+            why = self.adapter.dtype_reasons.get(case.dtype, "the adapter does not offer it")
+            return f"dtype {case.dtype} is not run by {self.adapter.name}: {why}"
+        if not self.adapter.supports_device(case.device):
+            return f"device {case.device!r} is not available in this process"
+        return ""
+
+    def absent_devices(self) -> List[str]:
+        """Requested devices whose every case was not run because the device is absent."""
+        return sorted({r.case.device for r in self.results if r.reason.startswith("device ")})
+
     def summary(self) -> dict:
-        counts: Dict[str, int] = {}
-        for result in self.results:
-            counts[result.status] = counts.get(result.status, 0) + 1
         return {
             "adapter": self.adapter.name,
             "backend": self.adapter.backend,
             "versions": self.adapter.versions(),
             "dtypes": list(self.adapter.dtypes),
             "devices": sorted({r.case.device for r in self.results}),
+            "absent_devices": self.absent_devices(),
             "tolerance_version": TOLERANCE_VERSION,
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "counts": counts,
+            "counts": state_counts(r.status for r in self.results),
+            "check_counts": {
+                name: state_counts(r.checks[name].state for r in self.results) for name in CHECKS
+            },
             "cases": [result.to_json() for result in self.results],
         }
 
-    def save(self, results_dir: Path) -> Path:
-        """Write ``<results_dir>/<adapter>/summary.json``, ``arrays.npz`` and ``report.md``; returns the folder."""
+    def save(self, results_dir: Path, *, log: Optional[str] = None) -> Path:
+        """Write ``<results_dir>/<adapter>/summary.json``, ``arrays.npz`` and ``report.md``; returns the folder.
+        ``log`` names the file (relative to the results folder) holding the run's framework output."""
         from .report import adapter_report
 
         folder = Path(results_dir) / self.adapter.name
         folder.mkdir(parents=True, exist_ok=True)
         summary = self.summary()
+        if log:
+            summary["log"] = log
         (folder / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=True))
         arrays = {f"{r.case.id}::{key}": value for r in self.results for key, value in r.arrays.items()}
         np.savez_compressed(folder / "arrays.npz", **arrays)
@@ -402,10 +499,15 @@ _ACTIVE: Dict[str, Adapter] = {}
 def run_suite(
     adapter: Adapter, *, devices: Iterable[str] = ("cpu",), cases: Optional[Iterable[Case]] = None, progress=None
 ) -> SuiteRun:
-    """Run every catalogue case (for the adapter's dtypes and ``devices``) and return the results."""
+    """Run every catalogue case (every dtype of the catalogue and every device in ``devices``) and return
+    the results; cases of a dtype the adapter does not offer or of an absent device are recorded as not
+    run. ``progress(result, done, total, runnable)`` is called after each case (``runnable``: how many of
+    the ``total`` cases run at all)."""
     suite = SuiteRun(adapter)
-    for case in cases if cases is not None else catalogue(adapter.dtypes, devices):
+    cases = list(cases if cases is not None else catalogue(CATALOGUE_DTYPES, devices))
+    runnable = sum(not suite.not_run_reason(case) for case in cases)
+    for done, case in enumerate(cases, 1):
         result = suite.run(case)
         if progress is not None:
-            progress(result)
+            progress(result, done, len(cases), runnable)
     return suite

@@ -34,44 +34,65 @@ def _info(args) -> int:
     return 0
 
 
+#: Exit status of a conformance run or report in which a requested device was absent or nothing ran
+#: (1 is a failure, 2 a usage error); ``--best-effort`` turns an absent device into a note.
+EXIT_INCOMPLETE = 3
+
+
 def _conformance(args) -> int:
     from .conformance.adapters import adapter_names, installed_adapters, load_adapter
-    from .conformance.report import adapter_report
-    from .conformance.runner import run_suite
+    from .conformance.console import Progress, framework_output_to
+    from .conformance.report import LOG_NAME, adapter_report
+    from .conformance.runner import FAILED, NOT_RUN, run_suite
 
     names = [n for selector in (args.backend or installed_adapters()) for n in adapter_names(selector)]
     if not names:
         print("no backend is installed in this environment; see `xnorm info` for what to install", file=sys.stderr)
         return 2
-    ok = True
+    failed, incomplete = [], []
     for name in names:
         adapter = load_adapter(name)
-
-        def progress(result):
-            if not args.quiet and result.status not in ("passed", "not-run", "xfail"):
-                print(
-                    f"  {result.status}: {result.case.id}: {'; '.join(result.failures()) or result.reason}",
-                    file=sys.stderr,
-                )
-
-        print(f"running {name} on {', '.join(args.device)} ...", file=sys.stderr)
-        suite = run_suite(adapter, devices=args.device, progress=progress)
-        folder = suite.save(Path(args.results_dir))
-        print(adapter_report(suite.summary()))
+        name = adapter.name  # a third-party adapter given as module:Class saves under its own name
+        folder = Path(args.results_dir) / name
+        log = folder / LOG_NAME
+        log.unlink(missing_ok=True)
+        print(f"running {name} on {', '.join(args.device)}; its framework output goes to {log}", file=sys.stderr)
+        with framework_output_to(log) as terminal:
+            suite = run_suite(adapter, devices=args.device, progress=Progress(name, terminal, quiet=args.quiet))
+        suite.save(Path(args.results_dir), log=f"{name}/{LOG_NAME}")
+        print(adapter_report(suite.summary() | {"log": str(log)}))
         print(f"(saved in {folder})\n")
-        ok &= all(result.ok for result in suite.results)
-    return 0 if ok else 1
+        if any(result.status == FAILED for result in suite.results):
+            failed.append(name)
+        absent = suite.absent_devices()
+        if absent and not args.best_effort:
+            incomplete.append(f"{name}: device(s) {', '.join(absent)} absent")
+        if all(result.status == NOT_RUN for result in suite.results):
+            incomplete.append(f"{name}: no case ran")
+    if failed:
+        print(f"xnorm conformance: failed cases in {', '.join(failed)}", file=sys.stderr)
+        return 1
+    if incomplete:
+        print(
+            "xnorm conformance: incomplete, nothing was checked where it was asked for: "
+            + "; ".join(incomplete)
+            + " (add --best-effort to report what can run and exit 0)",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
+    return 0
 
 
 def _report(args) -> int:
-    from .conformance.report import full_report
+    from .conformance.report import write_report
 
-    text, ok = full_report(Path(args.results_dir))
+    text, word, written = write_report(
+        Path(args.results_dir), Path(args.output) if args.output else None, best_effort=args.best_effort
+    )
     print(text)
-    out = Path(args.output or Path(args.results_dir) / "report.md")
-    out.write_text(text)
-    print(f"(written to {out})")
-    return 0 if ok else 1
+    for kind, where in written.items():
+        print(f"({kind}: {where})")
+    return {"PASSED": 0, "FAILED": 1}.get(word, EXIT_INCOMPLETE)
 
 
 #: Checkpoints at least this large get a progress bar (smaller ones convert in a blink).
@@ -164,10 +185,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     conf.add_argument("--device", action="append", help="cpu, gpu or ascend (repeatable; default cpu)")
     conf.add_argument("--results-dir", default=DEFAULT_RESULTS)
     conf.add_argument("--quiet", action="store_true", help="do not list failing cases as they happen")
+    best_effort = "report what can run and exit 0 when a requested device is absent (it is still reported not run)"
+    conf.add_argument("--best-effort", action="store_true", help=best_effort)
     conf.set_defaults(run=_conformance)
     report = sub.add_parser("report", help="combine saved results into one report with cross-backend agreement")
     report.add_argument("--results-dir", default=DEFAULT_RESULTS)
-    report.add_argument("--output", help="markdown file to write (default: <results-dir>/report.md)")
+    report.add_argument(
+        "--output", help="markdown file to write (default: <results-dir>/report.md); .html and .png go beside it"
+    )
+    report.add_argument("--best-effort", action="store_true", help=best_effort)
     report.set_defaults(run=_report)
     convert = sub.add_parser("convert", help="convert a checkpoint between torch and MindSpore or Flax, strictly")
     convert.add_argument("source", help=".safetensors/.pt (torch), .ckpt (MindSpore) or .msgpack (Flax)")

@@ -2,80 +2,18 @@
 expected-failure rules and compares saved runs. The backends here are NumPy ones built from the
 reference, so these tests need no framework."""
 
-import copy
 import json
 
 import numpy as np
 import pytest
 
-from xnorm import reference
-from xnorm.conformance import layers
-from xnorm.conformance.adapter import Adapter
-from xnorm.conformance.cases import LAYERS, Case, catalogue
+from xnorm.conformance.adapters.reference import ReferenceAdapter as NumpyAdapter
+from xnorm.conformance.cases import CATALOGUE_DTYPES, LAYERS, Case, catalogue
 from xnorm.conformance.report import cross_report, full_report
-from xnorm.conformance.runner import ConformanceError, SuiteRun, load_expected_failures, run_case
+from xnorm.conformance.runner import CHECKS, ConformanceError, SuiteRun, load_expected_failures, run_case, run_suite
+from xnorm.spec import FLOATING_DTYPES
 
 FEW_CASES = [Case(layer, dim, "float64", "cpu") for layer in (LAYERS[0], LAYERS[3], LAYERS[8]) for dim in (0, None)]
-
-
-class NumpyAdapter(Adapter):
-    """A backend made of the reference itself: everything must pass."""
-
-    name = "numpy-reference"
-    backend = "numpy"
-    dtypes = ("float64",)
-    devices = ("cpu", "gpu")
-
-    def supports_device(self, device):
-        return device == "cpu"
-
-    def build(self, layer, weight, bias, dtype):
-        return {
-            "layer": layer,
-            "weight": np.array(weight, np.float64),
-            "bias": None if bias is None else np.array(bias),
-        }
-
-    def wrap(self, handle, dim):
-        g, v = reference.init(handle["weight"], dim)
-        return {"layer": handle["layer"], "dim": dim, "g": g, "v": v, "bias": handle["bias"]}
-
-    def remove(self, handle):
-        return {"layer": handle["layer"], "weight": self.weight(handle), "bias": handle["bias"]}
-
-    def parameters(self, handle):
-        keys = ("g", "v", "bias") if "g" in handle else ("weight", "bias")
-        return {k: handle[k] for k in keys if handle.get(k) is not None}
-
-    def parameter_names(self, handle):
-        return list(self.parameters(handle))
-
-    def weight(self, handle):
-        return reference.weight_norm(handle["g"], handle["v"], handle["dim"]) if "g" in handle else handle["weight"]
-
-    def forward(self, handle, x, *, training=True):
-        return layers.forward(handle["layer"], self.weight(handle), handle["bias"], x)
-
-    def gradients(self, handle, x, grad_output):
-        grad_w, grad_b = layers.backward(handle["layer"], self.weight(handle), x, grad_output)
-        grad_g, grad_v = reference.weight_norm_grads(handle["g"], handle["v"], grad_w, handle["dim"])
-        out = {"g": grad_g, "v": grad_v}
-        if handle["bias"] is not None:
-            out["bias"] = grad_b
-        return out
-
-    def sgd_step(self, handle, x, target, lr):
-        y = self.forward(handle, x)
-        grads = self.gradients(handle, x, (y - target) / y.size)
-        new = dict(handle)
-        for key, grad in grads.items():
-            new[key] = handle[key] - lr * grad
-        return new
-
-    def state_roundtrip(self, handle, fresh):
-        loaded = dict(fresh)
-        loaded.update(copy.deepcopy(self.parameters(handle)))
-        return loaded
 
 
 class IgnoresG(NumpyAdapter):
@@ -143,10 +81,11 @@ def test_a_correct_backend_passes_every_check(case):
 def test_broken_backends_fail_the_checks_that_concern_them(adapter, failing):
     result = run_case(adapter, FEW_CASES[2])
     assert result.status == "failed"
-    assert {name for name, check in result.checks.items() if not check.passed} == failing
+    assert {name for name, check in result.checks.items() if check.state == "failed"} == failing
+    assert all(check.state == "passed" for name, check in result.checks.items() if name not in failing)
 
 
-def test_a_crashing_backend_is_an_error_blamed_on_the_step_that_crashed():
+def test_a_crashing_backend_fails_the_step_that_crashed_and_nothing_after_it_counts_as_run():
     class Crashes(NumpyAdapter):
         name = "numpy-crashes"
 
@@ -154,16 +93,108 @@ def test_a_crashing_backend_is_an_error_blamed_on_the_step_that_crashed():
             raise RuntimeError("kernel missing")
 
     result = run_case(Crashes(), FEW_CASES[0])
-    assert result.status == "error"
-    assert not result.checks["gradient"].passed and "kernel missing" in result.checks["gradient"].detail
-    assert result.checks["forward"].passed
+    assert result.status == "failed" and "kernel missing" in result.reason
+    gradient = result.checks["gradient"]
+    assert gradient.state == "failed" and "kernel missing" in gradient.detail and gradient.max_abs is None
+    # the life cycle runs plain_forward, init, weight, preserves/forward, eval, gradient, training, state, remove
+    assert {n for n, c in result.checks.items() if c.state == "passed"} == {
+        "plain_forward", "init", "weight", "preserves", "forward", "eval"
+    }
+    for name in ("training", "state", "remove"):
+        check = result.checks[name]
+        assert check.state == "not-run" and check.ratio is None and check.max_abs is None
+        assert check.detail == "not reached: gradient raised RuntimeError"
+
+
+class CrashesAtBuild(NumpyAdapter):
+    """A layer that cannot be built (MindSpore's float64 convolutions, Flax's grouped ConvTranspose)."""
+
+    name = "numpy-crashes-at-build"
+
+    def build(self, layer, weight, bias, dtype):
+        raise TypeError("no float64 kernel")
+
+
+def test_a_case_failing_at_its_first_check_reports_every_later_check_not_run(tmp_path):
+    suite = SuiteRun(CrashesAtBuild(), expected_failures=[])
+    for case in FEW_CASES:
+        suite.run(case)
+    result = suite.results[0]
+    assert result.status == "failed" and result.checks["plain_forward"].state == "failed"
+    assert all(c.state == "not-run" for n, c in result.checks.items() if n != "plain_forward")
+    # counts, summary.json and the report say the same
+    summary = json.loads((suite.save(tmp_path) / "summary.json").read_text())
+    n = len(FEW_CASES)
+    assert summary["counts"] == {"passed": 0, "failed": n, "xfail": 0, "not-run": 0}
+    assert summary["check_counts"]["plain_forward"] == {"passed": 0, "failed": n, "xfail": 0, "not-run": 0}
+    assert summary["check_counts"]["forward"] == {"passed": 0, "failed": 0, "xfail": 0, "not-run": n}
+    assert summary["check_counts"]["gradient"]["passed"] == 0
+    report = (tmp_path / CrashesAtBuild.name / "report.md").read_text()
+    assert "| forward | float64 | " not in report  # no row pretends a forward ran
+    assert f"| plain_forward | float64 | forward | 0 | {n} | 0 | 0 | - | rtol 1e-07, atol 1e-07 | raised |" in report
+    text, ok = full_report(tmp_path)
+    assert not ok and "**Verdict: FAILED**" in text and f"0 passed, {n} failed" in text
+
+
+def test_an_expected_failure_at_the_first_check_is_xfail_with_the_rest_not_run(tmp_path):
+    path = _write(tmp_path, '[[expected_failure]]\ncase = "linear-*"\nreason = "no float64 kernel (known)"\n')
+    result = run_case(CrashesAtBuild(), FEW_CASES[0], load_expected_failures(CrashesAtBuild(), path=path))
+    assert result.status == "xfail" and result.reason == "no float64 kernel (known)"
+    assert result.checks["plain_forward"].state == "xfail"
+    assert "no float64 kernel (known)" in result.checks["plain_forward"].detail
+    assert all(c.state == "not-run" for n, c in result.checks.items() if n != "plain_forward")
+
+
+def test_a_check_the_life_cycle_never_reached_is_not_passed_and_fails_the_case(monkeypatch):
+    from xnorm.conformance import runner
+
+    original = runner._life_cycle
+
+    def stops_after_training(adapter, case, checks, saved, stage):
+        adapter.state_roundtrip = None  # TypeError at "state": caught below, as if the life cycle had returned
+        try:
+            original(adapter, case, checks, saved, stage)
+        except TypeError:
+            return
+
+    monkeypatch.setattr(runner, "_life_cycle", stops_after_training)
+    result = run_case(NumpyAdapter(), FEW_CASES[0])
+    assert result.checks["training"].state == "passed"
+    assert result.checks["state"].state == "not-run" and result.checks["remove"].state == "not-run"
+    assert "suite bug" in result.checks["remove"].detail
+    assert result.status == "failed"  # every check that ran passed, but a case with unrun checks is no pass
 
 
 def test_absent_device_is_reported_not_run():
     suite = SuiteRun(NumpyAdapter(), expected_failures=[])
     result = suite.run(Case(LAYERS[0], 0, "float64", "gpu"))
     assert result.status == "not-run" and "gpu" in result.reason
-    assert not result.checks
+    assert set(result.checks) == set(CHECKS)
+    assert all(c.state == "not-run" and c.ratio is None and "gpu" in c.detail for c in result.checks.values())
+    assert suite.absent_devices() == ["gpu"]
+
+
+def test_a_dtype_the_adapter_does_not_offer_is_listed_not_run_with_its_reason(tmp_path):
+    class NoBfloat16(NumpyAdapter):
+        name = "numpy-no-bf16"
+        dtype_reasons = {"bfloat16": "the CPU matmul rejects bfloat16"}
+
+    suite = run_suite(NoBfloat16(), cases=[Case(LAYERS[0], 0, d, "cpu") for d in ("float64", "bfloat16", "float16")])
+    assert [r.status for r in suite.results] == ["passed", "not-run", "not-run"]
+    assert "the CPU matmul rejects bfloat16" in suite.results[1].reason
+    assert "does not offer it" in suite.results[2].reason
+    assert suite.absent_devices() == []
+    report = (suite.save(tmp_path) / "report.md").read_text()
+    assert "### Not run (2 cases)" in report and "the CPU matmul rejects bfloat16" in report
+    assert "| init | bfloat16" not in report  # a dtype that never ran has no row of errors
+
+
+def test_the_whole_catalogue_lists_every_dtype_of_the_spec():
+    suite = run_suite(CrashesAtBuild(), cases=[])
+    assert suite.results == []
+    ids = {case.id for case in catalogue(CATALOGUE_DTYPES)}
+    assert {case.dtype for case in catalogue(CATALOGUE_DTYPES)} == set(FLOATING_DTYPES)
+    assert "linear-dim0-float16-cpu" in ids
 
 
 def _write(tmp_path, text):
@@ -172,19 +203,24 @@ def _write(tmp_path, text):
     return path
 
 
-def test_expected_failure_turns_a_failure_into_xfail_and_a_pass_into_xpass(tmp_path):
+def test_expected_failure_turns_a_failure_into_xfail_and_an_unexpected_pass_into_a_failure(tmp_path):
     path = _write(tmp_path, '[[expected_failure]]\ncase = "linear-dim0-*"\nreason = "g is ignored (known)"\n')
     linear_dim0 = Case(LAYERS[0], 0, "float64", "cpu")
     broken = run_case(IgnoresG(), linear_dim0, load_expected_failures(IgnoresG(), path=path))
     assert broken.status == "xfail" and broken.reason == "g is ignored (known)"
+    assert {n for n, c in broken.checks.items() if c.state == "xfail"} == {"gradient", "training", "remove"}
+    assert all(c.state == "passed" for n, c in broken.checks.items() if n not in ("gradient", "training", "remove"))
     correct = run_case(NumpyAdapter(), linear_dim0, load_expected_failures(NumpyAdapter(), path=path))
-    assert correct.status == "xpass" and not correct.ok
+    assert correct.status == "failed" and not correct.ok and "listed as an expected failure but passed" in (
+        correct.reason
+    )
 
 
 def test_expected_failure_limited_to_one_check_does_not_excuse_others(tmp_path):
     path = _write(tmp_path, '[[expected_failure]]\ncase = "linear-dim0-*"\ncheck = "training"\nreason = "r"\n')
     result = run_case(IgnoresG(), Case(LAYERS[0], 0, "float64", "cpu"), load_expected_failures(IgnoresG(), path=path))
     assert result.status == "failed"
+    assert result.checks["training"].state == "xfail" and result.checks["gradient"].state == "failed"
 
 
 @pytest.mark.parametrize(
@@ -238,6 +274,8 @@ def test_cross_report_agrees_for_equal_backends_and_catches_a_drifting_one(tmp_p
     text, agree = cross_report(tmp_path)
     assert not agree
     summary = json.loads((tmp_path / "numpy-twin" / "summary.json").read_text())
-    assert summary["counts"] == {"passed": len(FEW_CASES)}
+    assert summary["counts"] == {"passed": len(FEW_CASES), "failed": 0, "xfail": 0, "not-run": 0}
     report, ok = full_report(tmp_path)
     assert not ok and "## numpy-twin" in report and "err/allowed" in report
+    assert "**Verdict: FAILED**: numpy-reference vs numpy-twin: 1 array(s) disagree" in report
+    assert "Pairs of adapters that agree on every case both passed: 0 of 1." in report

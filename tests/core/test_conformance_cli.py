@@ -1,0 +1,182 @@
+"""`xnorm conformance` and `xnorm report` as a user runs them: exit codes that agree with what ran,
+progress on the terminal, framework output in a log, and the report's verdict, HTML and picture.
+
+The backends are the reference adapter and subclasses of it (written to a module in tmp_path, named on
+the command line as ``module:Class`` like any third-party adapter), so no framework is needed.
+"""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+from xnorm.cli import EXIT_INCOMPLETE, main
+from xnorm.conformance.cases import CATALOGUE_DTYPES, catalogue
+
+REFERENCE = "xnorm.conformance.adapters.reference:ReferenceAdapter"
+
+ADAPTERS = textwrap.dedent(
+    '''
+    import os
+    import sys
+
+    from xnorm.conformance.adapters.reference import ReferenceAdapter
+
+
+    class Noisy(ReferenceAdapter):
+        """Writes what frameworks write: native stderr lines, Python-level log lines, prints."""
+
+        name = "numpy-noisy"
+
+        def forward(self, handle, x, *, training=True):
+            os.write(2, b"[ERROR] ANALYZER(1,ffff,python):native noise from a kernel\\n")
+            sys.stderr.write("[WARNING] ME: the graph was compiled again\\n")
+            print("a framework's print")
+            return super().forward(handle, x, training=training)
+
+
+    class Broken(ReferenceAdapter):
+        """Drops the bias gradient's sign: gradient and training fail."""
+
+        name = "numpy-broken"
+
+        def gradients(self, handle, x, grad_output):
+            grads = super().gradients(handle, x, grad_output)
+            if "bias" in grads:
+                grads["bias"] = -grads["bias"]
+            return grads
+    '''
+)
+
+
+@pytest.fixture
+def adapters(tmp_path, monkeypatch):
+    (tmp_path / "my_adapters.py").write_text(ADAPTERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_adapters"
+
+
+def _summary(results, name):
+    return json.loads((results / name / "summary.json").read_text())
+
+
+def test_an_absent_device_runs_nothing_and_exits_non_zero_unless_best_effort(tmp_path, capfd):
+    results = tmp_path / "results"
+    assert main(["conformance", "--backend", REFERENCE, "--device", "gpu", "--results-dir", str(results)]) == (
+        EXIT_INCOMPLETE
+    )
+    err = capfd.readouterr().err
+    assert "incomplete" in err and "gpu" in err and "--best-effort" in err
+    summary = _summary(results, "numpy-reference")
+    total = len(catalogue(CATALOGUE_DTYPES, ["gpu"]))
+    assert summary["counts"] == {"passed": 0, "failed": 0, "xfail": 0, "not-run": total}
+    assert summary["absent_devices"] == ["gpu"]
+    assert all(c["state"] == "not-run" for case in summary["cases"] for c in case["checks"].values())
+    # the combined report says the same
+    assert main(["report", "--results-dir", str(results)]) == EXIT_INCOMPLETE
+    out = capfd.readouterr().out
+    assert "**Verdict: INCOMPLETE**" in out and "device(s) gpu absent" in out
+
+    assert main(["conformance", "--backend", REFERENCE, "--device", "cpu", "--device", "gpu", "--best-effort",
+                 "--results-dir", str(results)]) == 0
+    summary = _summary(results, "numpy-reference")
+    assert summary["counts"]["passed"] == len(catalogue(("float64",), ["cpu"]))
+    assert main(["report", "--best-effort", "--results-dir", str(results)]) == 0
+
+
+def test_progress_on_the_terminal_and_framework_output_in_the_log(tmp_path, adapters, capfd):
+    results = tmp_path / "results"
+    assert main(["conformance", "--backend", f"{adapters}:Noisy", "--results-dir", str(results)]) == 0
+    captured = capfd.readouterr()
+    total = len(catalogue(CATALOGUE_DTYPES))
+    assert f"numpy-noisy: {total}/{total} cases, 0 failed" in captured.err
+    log = results / "numpy-noisy" / "run.log"
+    assert str(log) in captured.err  # the terminal says where the noise went
+    for noise in ("ANALYZER", "compiled again", "a framework's print"):
+        assert noise not in captured.err and noise not in captured.out
+        assert noise in log.read_text()
+    assert "## numpy-noisy" in captured.out  # the adapter's report still reaches the terminal
+    assert _summary(results, "numpy-noisy")["log"] == "numpy-noisy/run.log"
+
+
+def test_a_failing_backend_exits_1_and_the_report_opens_with_the_verdict(tmp_path, adapters, capfd):
+    results = tmp_path / "results"
+    assert main(["conformance", "--backend", REFERENCE, "--results-dir", str(results)]) == 0
+    assert main(["conformance", "--backend", f"{adapters}:Broken", "--results-dir", str(results)]) == 1
+    err = capfd.readouterr().err
+    assert "failed: linear-dim0-float64-cpu: gradient: dL/dbias out of tolerance" in err
+
+    assert main(["report", "--results-dir", str(results)]) == 1
+    out = capfd.readouterr().out
+    report = (results / "report.md").read_text()
+    first_screen = report.split("\n## ")[0]  # the verdict, before the first adapter's details
+    assert "**Verdict: FAILED**: numpy-broken:" in first_screen
+    n_bias = sum(case.layer.bias for case in catalogue(("float64",)))
+    n = len(catalogue(("float64",)))
+    assert f"| `numpy-reference` | {n} passed · {3 * n} not run |" in first_screen
+    assert f"| `numpy-broken` | {n - n_bias} passed · {n_bias} failed · {3 * n} not run |" in first_screen
+    # the pair is compared on the cases both passed (those without a bias) and agrees there
+    assert f"| `numpy-broken` vs `numpy-reference` | {n - n_bias} | yes |" in first_screen
+    assert report in out
+
+    html = (results / "report.html").read_text()
+    assert "Verdict: FAILED" in html
+    assert 'id="numpy-broken--linear-dim0-float64-cpu"' in html  # every case has an anchor
+    assert "numpy-reference/arrays.npz" in html  # and a link to its saved arrays
+    assert "dL/dbias out of tolerance" in html  # with its reason
+    png = results / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    assert imread(png).shape[0] > 200
+
+
+def test_the_picture_is_reported_as_not_made_without_matplotlib(tmp_path, capfd, monkeypatch):
+    import builtins
+
+    results = tmp_path / "results"
+    assert main(["conformance", "--backend", REFERENCE, "--results-dir", str(results)]) == 0
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    (results / "report.png").write_bytes(b"stale")
+    assert main(["report", "--results-dir", str(results)]) == 0
+    out = capfd.readouterr().out
+    assert '(picture: not made: matplotlib is not installed (pip install "xnorm[report]"))' in out
+    assert not (results / "report.png").exists()  # no stale picture beside a new report
+    assert "<img" not in (results / "report.html").read_text()
+
+
+def test_progress_estimates_the_time_left_from_the_cases_that_ran():
+    import io
+
+    from xnorm.conformance.console import Progress
+    from xnorm.conformance.runner import run_suite
+
+    now = [0.0]
+    stream = io.StringIO()
+    progress = Progress("numpy-reference", stream, every=10.0, clock=lambda: now[0])
+
+    def ticking(result, done, total, runnable):
+        now[0] += 1.0 if result.status != "not-run" else 0.0  # one second per case that runs
+        progress(result, done, total, runnable)
+
+    from xnorm.conformance.adapters.reference import ReferenceAdapter
+
+    run_suite(ReferenceAdapter(), progress=ticking)
+    lines = stream.getvalue().splitlines()
+    n = len(catalogue(("float64",)))
+    total = len(catalogue(CATALOGUE_DTYPES))
+    # a line every 10 s of cases that run: the float32 cases do not run (no time), then 10 float64 ones ran,
+    # n - 10 are left at one second each
+    first = len(catalogue(("float32",))) + 10
+    assert lines[0] == f"  numpy-reference: {first}/{total} cases, 0 failed, 0:10 elapsed, about {(n - 10) // 60}:" \
+        f"{(n - 10) % 60:02d} left"
+    assert lines[-1] == f"  numpy-reference: {total}/{total} cases, 0 failed, {n // 60}:{n % 60:02d} elapsed"
+    assert np.all(np.diff([int(line.split("/")[0].split()[-1]) for line in lines]) > 0)
