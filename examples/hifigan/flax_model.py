@@ -32,7 +32,7 @@ from flax import nnx, serialization
 import xnorm
 from xnorm.porting import atomic_write
 
-from .config import DEFAULT, GeneratorConfig, padding
+from .config import DEFAULT, SMALL, GeneratorConfig, padding
 
 __all__ = ["CHANNELS_LAST", "ResBlock", "Generator", "wrapped_generator", "export", "load_exported"]
 
@@ -176,6 +176,13 @@ def export(model: Generator, example_input: np.ndarray, path: Union[str, os.Path
     data = serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, state))
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
+
+
+def wrapped_small_generator() -> Generator:
+    """:func:`wrapped_generator` of the SMALL configuration, the one ``python -m examples.hifigan.port`` saves,
+    built abstract (a conversion needs names, shapes and dtypes only): the ``--like`` of
+    ``xnorm convert hifigan-port/generator.safetensors --to flax``."""
+    return wrapped_generator(SMALL, abstract=True)
 
 
 def load_exported(path: Union[str, os.PathLike], config: GeneratorConfig = DEFAULT) -> Generator:

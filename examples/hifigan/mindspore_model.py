@@ -25,7 +25,7 @@ from mindspore import Tensor, nn, ops
 
 import xnorm
 
-from .config import DEFAULT, GeneratorConfig, padding
+from .config import DEFAULT, SMALL, GeneratorConfig, padding
 
 #: The model takes and returns channels-first data, as the torch generator does.
 CHANNELS_LAST = False
@@ -101,6 +101,12 @@ def wrapped_generator(config: GeneratorConfig = DEFAULT) -> Generator:
     """A :class:`Generator` whose every convolution is wrapped with ``xnorm.wrap(..., dim=0)``: the ``like=``
     of a conversion from a torch HiFi-GAN checkpoint (weights are placeholders until loaded)."""
     return Generator(config, weight_norm=True)
+
+
+def wrapped_small_generator() -> Generator:
+    """:func:`wrapped_generator` of the SMALL configuration, the one ``python -m examples.hifigan.port`` saves:
+    the ``--like`` of ``xnorm convert hifigan-port/generator.safetensors``."""
+    return wrapped_generator(SMALL)
 
 
 def export(model: nn.Cell, example_input: np.ndarray, path: Union[str, Path]) -> Optional[Path]:
