@@ -10,11 +10,47 @@ Pass a device to the conformance runs with `nox -t report -- --device gpu`; a de
 fails the run (its cases are reported not run) unless `--best-effort` is passed too.
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nox
 
 nox.options.error_on_missing_interpreters = True
+# uv builds each environment in seconds where pip takes a minute or more (the README installs nox[uv]);
+# plain virtualenv + pip where uv is absent.
+nox.options.default_venv_backend = "uv|virtualenv"
+
+# pip's settings that uv must share: uv reads no pip configuration, so on a machine whose pip takes
+# wheels from a local folder or extra indexes (a CPU-only torch wheel; an unpinned torch from PyPI is the
+# CUDA build, several GB) uv would resolve elsewhere. Variables already set win.
+PIP_TO_UV = {
+    "index-url": "UV_INDEX_URL",
+    "extra-index-url": "UV_EXTRA_INDEX_URL",
+    "find-links": "UV_FIND_LINKS",
+    "constraint": "UV_CONSTRAINT",
+}
+
+
+def _share_pip_configuration_with_uv() -> None:
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in listing.splitlines():
+        key, _, value = line.partition("=")
+        variable = PIP_TO_UV.get(key.rpartition(".")[2])
+        if variable and variable not in os.environ:
+            os.environ[variable] = value.strip().strip("'\"")
+    if "UV_EXTRA_INDEX_URL" in os.environ or "UV_FIND_LINKS" in os.environ:
+        # pip takes the best version from any index; uv by default only from the first that has the package
+        os.environ.setdefault("UV_INDEX_STRATEGY", "unsafe-best-match")
+
+
+_share_pip_configuration_with_uv()
 
 ROOT = Path(__file__).parent
 RESULTS = str(ROOT / "conformance-results")
