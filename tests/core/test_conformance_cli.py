@@ -36,6 +36,15 @@ ADAPTERS = textwrap.dedent(
             return super().forward(handle, x, training=training)
 
 
+    class CrashesAtBuild(ReferenceAdapter):
+        """No layer can be built (MindSpore's float64 convolutions, Flax's grouped ConvTranspose)."""
+
+        name = "numpy-crashes-at-build"
+
+        def build(self, layer, weight, bias, dtype):
+            raise TypeError("no float64 kernel")
+
+
     class Broken(ReferenceAdapter):
         """Drops the bias gradient's sign: gradient and training fail."""
 
@@ -98,6 +107,20 @@ def test_progress_on_the_terminal_and_framework_output_in_the_log(tmp_path, adap
         assert noise in log.read_text()
     assert "## numpy-noisy" in captured.out  # the adapter's report still reaches the terminal
     assert _summary(results, "numpy-noisy")["log"] == "numpy-noisy/run.log"
+
+
+def test_cases_failing_at_their_first_check_exit_1_with_every_later_check_not_run(tmp_path, adapters, capfd):
+    results = tmp_path / "results"
+    assert main(["conformance", "--backend", f"{adapters}:CrashesAtBuild", "--results-dir", str(results)]) == 1
+    summary = _summary(results, "numpy-crashes-at-build")
+    n = len(catalogue(("float64",)))
+    assert summary["counts"] == {"passed": 0, "failed": n, "xfail": 0, "not-run": 3 * n}
+    for check, counts in summary["check_counts"].items():
+        failed = n if check == "plain_forward" else 0
+        assert counts == {"passed": 0, "failed": failed, "xfail": 0, "not-run": 4 * n - failed}, check
+    assert main(["report", "--results-dir", str(results)]) == 1
+    out = capfd.readouterr().out
+    assert "**Verdict: FAILED**: numpy-crashes-at-build:" in out and f"{n} failed · {3 * n} not run" in out
 
 
 def test_a_failing_backend_exits_1_and_the_report_opens_with_the_verdict(tmp_path, adapters, capfd):
