@@ -89,7 +89,8 @@ def _report(args) -> int:
     text, word, written = write_report(
         Path(args.results_dir), Path(args.output) if args.output else None, best_effort=args.best_effort
     )
-    print(text)
+    # The verdict is the first screen of the report; the details are in the files (or --full).
+    print(text if args.full else text.split("\n## ", 1)[0].rstrip() + "\n")
     for kind, where in written.items():
         print(f"({kind}: {where})")
     return {"PASSED": 0, "FAILED": 1}.get(word, EXIT_INCOMPLETE)
@@ -194,6 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--output", help="markdown file to write (default: <results-dir>/report.md); .html and .png go beside it"
     )
     report.add_argument("--best-effort", action="store_true", help=best_effort)
+    report.add_argument("--full", action="store_true", help="print the whole report, not only the verdict")
     report.set_defaults(run=_report)
     convert = sub.add_parser("convert", help="convert a checkpoint between torch and MindSpore or Flax, strictly")
     convert.add_argument("source", help=".safetensors/.pt (torch), .ckpt (MindSpore) or .msgpack (Flax)")

@@ -141,7 +141,10 @@ def test_a_failing_backend_exits_1_and_the_report_opens_with_the_verdict(tmp_pat
     assert f"| `numpy-broken` | {n - n_bias} passed · {n_bias} failed · {3 * n} not run |" in first_screen
     # the pair is compared on the cases both passed (those without a bias) and agrees there
     assert f"| `numpy-broken` vs `numpy-reference` | {n - n_bias} | yes |" in first_screen
-    assert report in out
+    assert first_screen.rstrip() in out and "## numpy-broken" not in out  # the terminal gets the verdict
+    assert f"(markdown: {results / 'report.md'})" in out and f"(html: {results / 'report.html'})" in out
+    assert main(["report", "--full", "--results-dir", str(results)]) == 1
+    assert report in capfd.readouterr().out
 
     html = (results / "report.html").read_text()
     assert "Verdict: FAILED" in html
