@@ -15,6 +15,7 @@ import argparse
 import importlib
 import inspect
 import os
+import subprocess
 import sys
 import time
 from functools import partial
@@ -40,47 +41,85 @@ EXIT_INCOMPLETE = 3
 
 
 def _conformance(args) -> int:
-    from .conformance.adapters import adapter_names, installed_adapters, load_adapter
-    from .conformance.console import Progress, framework_output_to
-    from .conformance.report import LOG_NAME, adapter_report
-    from .conformance.runner import FAILED, NOT_RUN, run_suite
+    from .conformance.adapters import adapter_names, installed_adapters
 
     names = [n for selector in (args.backend or installed_adapters()) for n in adapter_names(selector)]
     if not names:
         print("no backend is installed in this environment; see `xnorm info` for what to install", file=sys.stderr)
         return 2
-    failed, incomplete = [], []
-    for name in names:
-        adapter = load_adapter(name)
-        name = adapter.name  # a third-party adapter given as module:Class saves under its own name
-        folder = Path(args.results_dir) / name
-        log = folder / LOG_NAME
-        log.unlink(missing_ok=True)
-        print(f"running {name} on {', '.join(args.device)}; its framework output goes to {log}", file=sys.stderr)
-        with framework_output_to(log) as terminal:
-            suite = run_suite(adapter, devices=args.device, progress=Progress(name, terminal, quiet=args.quiet))
-        suite.save(Path(args.results_dir), log=f"{name}/{LOG_NAME}")
-        print(adapter_report(suite.summary() | {"log": str(log)}))
-        print(f"(saved in {folder})\n")
-        if any(result.status == FAILED for result in suite.results):
-            failed.append(name)
-        absent = suite.absent_devices()
-        if absent and not args.best_effort:
-            incomplete.append(f"{name}: device(s) {', '.join(absent)} absent")
-        if all(result.status == NOT_RUN for result in suite.results):
-            incomplete.append(f"{name}: no case ran")
-    if failed:
-        print(f"xnorm conformance: failed cases in {', '.join(failed)}", file=sys.stderr)
+    if args.jobs is not None and args.jobs < 1:
+        from .errors import OptionError
+
+        raise OptionError(f"--jobs {args.jobs}: give at least 1 (adapters run side by side, one process each).")
+    jobs = min(args.jobs or os.cpu_count() or 1, len(names))
+    codes = _adapters_in_processes(names, args, jobs) if jobs > 1 else [_run_adapter(name, args) for name in names]
+    # a failure outweighs an incomplete run, which outweighs anything else
+    return next((code for code in (1, EXIT_INCOMPLETE) if code in codes), max(codes))
+
+
+def _run_adapter(name: str, args) -> int:
+    """Run one adapter's catalogue in this process, save it and print its counts; the exit status."""
+    from .conformance.adapters import load_adapter
+    from .conformance.console import Progress, framework_output_to
+    from .conformance.report import LOG_NAME, STATE_WORDS
+    from .conformance.runner import FAILED, NOT_RUN, run_suite
+
+    adapter = load_adapter(name)
+    name = adapter.name  # a third-party adapter given as module:Class saves under its own name
+    folder = Path(args.results_dir) / name
+    log = folder / LOG_NAME
+    log.unlink(missing_ok=True)
+    print(f"running {name} on {', '.join(args.device)}; its framework output goes to {log}", file=sys.stderr)
+    with framework_output_to(log) as terminal:
+        suite = run_suite(adapter, devices=args.device, progress=Progress(name, terminal, quiet=args.quiet))
+    suite.save(Path(args.results_dir), log=f"{name}/{LOG_NAME}")
+    counts = suite.summary()["counts"]
+    print(f"{name}: " + ", ".join(f"{n} {STATE_WORDS[state]}" for state, n in counts.items())
+          + f" (report: {folder / 'report.md'})")
+    if counts[FAILED]:
+        print(f"xnorm conformance: {name}: {counts[FAILED]} case(s) failed", file=sys.stderr)
         return 1
-    if incomplete:
+    problems = []
+    absent = suite.absent_devices()
+    if absent and not args.best_effort:
+        problems.append(f"device(s) {', '.join(absent)} absent")
+    if counts[NOT_RUN] == len(suite.results):
+        problems.append("no case ran")
+    if problems:
         print(
-            "xnorm conformance: incomplete, nothing was checked where it was asked for: "
-            + "; ".join(incomplete)
-            + " (add --best-effort to report what can run and exit 0)",
+            f"xnorm conformance: {name}: incomplete, {'; '.join(problems)}: nothing was checked where it was asked "
+            "for (add --best-effort to report what can run and exit 0)",
             file=sys.stderr,
         )
         return EXIT_INCOMPLETE
     return 0
+
+
+def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
+    """Each adapter in its own ``xnorm conformance`` process, ``jobs`` at a time.
+
+    Compiling (MindSpore graphs, XLA programs) dominates a run and uses one core, so adapters side by
+    side use a multi-core machine; separate processes also keep frameworks' process-wide modes (MindSpore's
+    graph/PyNative switch, its committed device) apart. Progress lines reach this terminal as the children
+    write them; each child's counts are printed in the adapters' order when it ends.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = ["--results-dir", args.results_dir, "--jobs", "1"]
+    shared += [arg for device in args.device for arg in ("--device", device)]
+    shared += ["--quiet"] * args.quiet + ["--best-effort"] * args.best_effort
+    # The children import what this process can: a third-party adapter next to the user included.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *filter(None, sys.path)]))
+
+    def run(name: str):
+        command = [sys.executable, "-m", "xnorm.cli", "conformance", "--backend", name, *shared]
+        return subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        finished = list(pool.map(run, names))
+    for child in finished:
+        print(child.stdout, end="")
+    return [child.returncode for child in finished]
 
 
 def _report(args) -> int:
@@ -188,6 +227,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     conf.add_argument("--quiet", action="store_true", help="do not list failing cases as they happen")
     best_effort = "report what can run and exit 0 when a requested device is absent (it is still reported not run)"
     conf.add_argument("--best-effort", action="store_true", help=best_effort)
+    conf.add_argument(
+        "--jobs", type=int, default=None, help="adapters run side by side, each in its own process (default: cores)"
+    )
     conf.set_defaults(run=_conformance)
     report = sub.add_parser("report", help="combine saved results into one report with cross-backend agreement")
     report.add_argument("--results-dir", default=DEFAULT_RESULTS)

@@ -105,7 +105,8 @@ def test_progress_on_the_terminal_and_framework_output_in_the_log(tmp_path, adap
     for noise in ("ANALYZER", "compiled again", "a framework's print"):
         assert noise not in captured.err and noise not in captured.out
         assert noise in log.read_text()
-    assert "## numpy-noisy" in captured.out  # the adapter's report still reaches the terminal
+    n = len(catalogue(("float64",)))
+    assert f"numpy-noisy: {n} passed, 0 failed, 0 expected, {total - n} not run" in captured.out
     assert _summary(results, "numpy-noisy")["log"] == "numpy-noisy/run.log"
 
 
@@ -206,3 +207,23 @@ def test_progress_estimates_the_time_left_from_the_cases_that_ran():
         f"{(n - 10) % 60:02d} left"
     assert lines[-1] == f"  numpy-reference: {total}/{total} cases, 0 failed, {n // 60}:{n % 60:02d} elapsed"
     assert np.all(np.diff([int(line.split("/")[0].split()[-1]) for line in lines]) > 0)
+
+
+def test_adapters_run_side_by_side_in_their_own_processes(tmp_path, adapters, capfd):
+    results = tmp_path / "results"
+    names = [f"{adapters}:Broken", REFERENCE, f"{adapters}:Noisy"]
+    argv = ["conformance", *(arg for name in names for arg in ("--backend", name)), "--results-dir", str(results)]
+    assert main([*argv, "--jobs", "2"]) == 1  # one adapter failed: the whole run failed
+    captured = capfd.readouterr()
+    total = len(catalogue(CATALOGUE_DTYPES))
+    for name in ("numpy-broken", "numpy-reference", "numpy-noisy"):
+        assert f"  {name}: {total}/{total} cases" in captured.err  # each child's progress reached the terminal
+        assert (results / name / "summary.json").is_file()
+    # the counts come in the adapters' order, whichever child ended first
+    order = [captured.out.index(f"{name}: ") for name in ("numpy-broken", "numpy-reference", "numpy-noisy")]
+    assert order == sorted(order)
+    assert "ANALYZER" not in captured.err + captured.out
+    assert _summary(results, "numpy-broken")["counts"]["failed"] > 0
+    assert _summary(results, "numpy-reference")["counts"]["failed"] == 0
+    assert main([*argv[:-4], "--results-dir", str(results), "--jobs", "0"]) == 2
+    assert "--jobs 0: give at least 1" in capfd.readouterr().err
