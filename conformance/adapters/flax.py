@@ -12,12 +12,32 @@ computes in torch's semantics:
 
 The canonical <-> Flax layout used here is written out from the layer kinds, independently of the
 backend's own table, so a wrong ``dim`` mapping in the backend shows up as a wrong g.
+
+Speed. Nearly all of a case's time is XLA:CPU compiling: its forward, gradient and SGD-step programs
+and the small eager programs of ``xnorm.wrap`` and the weight check, each about 0.1-1 s, against
+~0.15 s for running the whole life cycle once compiled. Every case is a new (layer, dtype, dim), so
+every case needs its own programs; what the adapters do about it (see :func:`_compilation_cache`):
+
+* JAX's persistent compilation cache stores each compiled executable under a hash of its program
+  (HLO, compile options, jaxlib, XLA flags). A program met again is loaded instead of compiled: in
+  this run (``dim=-1`` builds ``dim=None``'s programs; ``fused=True`` falling back to materialising w
+  builds the non-fused adapter's; linen and NNX share the eager programs of ``xnorm.wrap`` and of the
+  weight), and every program in a later run. Values are never part of a program (they are
+  arguments), so nothing of a case's values can come back from it.
+* No adapter-side conversion runs on the device: outputs, gradients and parameters come back with
+  ``np.asarray`` and are converted and transposed in NumPy (exact for every dtype), which costs no
+  compile.
+* One ``optax.sgd`` transformation per learning rate (:func:`_sgd`): NNX's jit keys its cache on the
+  optimizer's graph, which holds the transformation, so a new one per case retraced and recompiled
+  the SGD step of layers whose graph is otherwise the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
+import os
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -129,10 +149,55 @@ def nnx_layer(layer: LayerCase, dtype: str) -> nnx.Module:
 
 
 def _to_numpy(array) -> np.ndarray:
-    array = jnp.asarray(array)
-    if array.dtype in (jnp.bfloat16, jnp.float16):
-        array = array.astype(jnp.float32)
+    # On the host: np.asarray copies the array out as it is (bfloat16 through ml_dtypes), and every
+    # float16/bfloat16/float32 value is exact in float64. An astype on the device would compile an XLA
+    # program per shape and dtype for nothing the suite tests.
     return np.asarray(array).astype(np.float64)
+
+
+@functools.cache
+def _sgd(lr: float) -> optax.GradientTransformation:
+    """The one ``optax.sgd(lr)`` of this process. A transformation is a pair of pure functions (its
+    state is what ``init`` returns, kept per handle), so sharing it shares no values between cases;
+    sharing it keeps NNX's jit cache, keyed on the optimizer's graph that holds it, from missing."""
+    return optax.sgd(lr)
+
+
+#: Where compiled XLA programs are kept between runs unless JAX is already told (see _compilation_cache).
+CACHE_ENV = "XNORM_JAX_CACHE_DIR"
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "xnorm", "jax-compilation-cache")
+
+
+def _compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache for every program, small ones included.
+
+    The cache maps a hash of a lowered program (its HLO without source locations, the compile options,
+    the jax/jaxlib versions, the backend and XLA flags) to the executable XLA built from it; a hit loads
+    the very executable a compile would produce, so results are bit for bit those of a compile. The
+    parameter values a case runs with are arguments of the programs, never constants in them (no
+    function here closes over an array), so the cache holds no case's values.
+
+    A directory the user gave JAX (``jax_compilation_cache_dir``, e.g. ``JAX_COMPILATION_CACHE_DIR``)
+    is used as it is, thresholds included. Otherwise ``$XNORM_JAX_CACHE_DIR``, or
+    ``~/.cache/xnorm/jax-compilation-cache``; ``XNORM_JAX_CACHE_DIR=`` (empty) turns it off. JAX checks
+    once per process, at its first compile, whether a cache is set: a process that compiled before
+    the first case runs without one (slower, same results).
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return
+    path = os.environ.get(CACHE_ENV, None)
+    if path is None:
+        path = _default_cache_dir()
+    if not path:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    # The defaults skip programs compiled in under a second and tiny entries: nearly all of ours.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def _canonical(layout: StorageLayout, array) -> np.ndarray:
@@ -181,6 +246,7 @@ class _FlaxAdapter(Adapter):
         # GPUs otherwise run float32 matmuls and convolutions in TF32.
         jax.config.update("jax_default_matmul_precision", "highest")
         jax.config.update("jax_default_device", jax.devices(_PLATFORMS[device])[0])
+        _compilation_cache()
 
     # -- arrays in and out ----------------------------------------------------------------------
     @staticmethod
@@ -199,9 +265,11 @@ class _FlaxAdapter(Adapter):
         return jnp.asarray(array, dtype=_DTYPES[dtype])
 
     @staticmethod
-    def _output_to_canonical(layer: LayerCase, y):
+    def _output_to_canonical(layer: LayerCase, y) -> np.ndarray:
+        """The layer's output as float64 NumPy in the canonical layout (moved on the host: no compile)."""
+        y = _to_numpy(y)
         if layer.kind in LayerKind.CONV or layer.kind in LayerKind.CONV_TRANSPOSE:
-            y = jnp.moveaxis(y, -1, 1)
+            y = np.moveaxis(y, -1, 1)
         return y
 
     @staticmethod
@@ -270,7 +338,7 @@ class LinenAdapter(_FlaxAdapter):
         # linen layers have no training mode; both paths run the same compiled function.
         apply = self._jit(handle, "forward", lambda module: module.apply)
         y = apply(handle.variables, self._input(handle.layer, x, handle.dtype))
-        return _to_numpy(self._output_to_canonical(handle.layer, y))
+        return self._output_to_canonical(handle.layer, y)
 
     def _canonical_params(self, handle: LinenHandle, params) -> Dict[str, np.ndarray]:
         layout = _layout(handle.layer)
@@ -298,7 +366,7 @@ class LinenAdapter(_FlaxAdapter):
 
     def sgd_step(self, handle: LinenHandle, x: np.ndarray, target: np.ndarray, lr: float) -> LinenHandle:
         layer = handle.layer
-        tx = optax.sgd(lr)
+        tx = _sgd(lr)
         if handle.opt_state is None:
             handle.opt_state = tx.init(handle.variables["params"])
 
@@ -399,7 +467,7 @@ class NNXAdapter(_FlaxAdapter):
             y = _nnx_forward(module, self._input(handle.layer, x, handle.dtype))
         finally:
             module.train()
-        return _to_numpy(self._output_to_canonical(handle.layer, y))
+        return self._output_to_canonical(handle.layer, y)
 
     def gradients(self, handle: NNXHandle, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
         layer = handle.layer
@@ -410,7 +478,7 @@ class NNXAdapter(_FlaxAdapter):
 
     def sgd_step(self, handle: NNXHandle, x: np.ndarray, target: np.ndarray, lr: float) -> NNXHandle:
         if handle.optimizer is None:
-            handle.optimizer = nnx.Optimizer(handle.module, optax.sgd(lr), wrt=nnx.Param)
+            handle.optimizer = nnx.Optimizer(handle.module, _sgd(lr), wrt=nnx.Param)
         layer = handle.layer
         _nnx_sgd(
             handle.module,
