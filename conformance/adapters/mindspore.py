@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import mindspore
 import numpy as np
@@ -152,7 +152,84 @@ def _canonical(array: np.ndarray, layout: StorageLayout) -> np.ndarray:
     return layout.to_canonical(array)
 
 
+# Cell attributes about an instance (identity, mode, compile bookkeeping) rather than what it
+# computes; _structure leaves them out, and the wrapped layer, which wrap() compares by identity.
+_CELL_BOOKKEEPING = frozenset({"_create_time", "_id", "arguments_key", "_compile_cache", "_phase_cache", "_compiled",
+                               "_compile_phase", "training", "_phase", "_xnorm_layer"})
+
+
+def _describe(value) -> tuple:
+    if isinstance(value, Parameter):
+        return ("Parameter", value.name, tuple(value.shape), str(value.dtype), value.requires_grad)
+    if isinstance(value, nn.Cell):
+        return _structure(value)
+    if isinstance(value, dict):
+        return ("dict",) + tuple((key, _describe(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_describe(item) for item in value)
+    # Primitives show their attributes; an object whose repr is its address never matches another.
+    return (type(value).__qualname__, repr(value))
+
+
+def _structure(cell: nn.Cell) -> tuple:
+    """Everything ``cell`` computes with, as a hashable value: its class, every attribute (xnorm's dim,
+    axes, eps, fused side; the layer's primitives with their attributes and its constants) and its
+    parameters' names, shapes, dtypes and requires_grad; not the parameters' values, not its identity.
+    Two wrappers of the same layer with equal structures compile to the same graphs."""
+    return (type(cell).__qualname__,) + tuple(
+        (name, _describe(value)) for name, value in sorted(vars(cell).items()) if name not in _CELL_BOOKKEEPING)
+
+
+def _copy_values(source: nn.Cell, target: nn.Cell) -> None:
+    """Give every parameter of ``target`` an exact copy of the value of ``source``'s parameter of that name."""
+    targets = dict(target.parameters_and_names())
+    sources = dict(source.parameters_and_names())
+    if sorted(targets) != sorted(sources):
+        raise RuntimeError(f"parameters {sorted(sources)} cannot be copied onto {sorted(targets)}")
+    for name, param in sources.items():
+        if targets[name] is not param:  # a bias the layer shares with both wrappers is already in place
+            _assign(targets[name], Tensor(param.asnumpy().copy()))
+
+
+def _assign(param: Parameter, value: Tensor) -> None:
+    """Write ``value`` into the memory of ``param``, in place.
+
+    Not ``set_data``: that gives the Parameter new storage, which a Cell's compiled graph picks up but a
+    compiled ``mindspore.jit`` function that captured the Parameter does not (MindSpore 2.10): a reused
+    wrapper's gradient and train-step graphs would go on computing with the earlier case's values.
+    """
+    if value.shape != param.shape or value.dtype != param.dtype:
+        raise ValueError(f"{param.name}: cannot write a {value.dtype} {value.shape} into a {param.dtype} {param.shape}")
+    ops.assign(param, value)
+
+
 class _MindSporeAdapter(Adapter):
+    """The life cycle of both modes. In GRAPH_MODE most of a case's time is graph compilation, and
+    MindSpore compiles per Cell object (its graph key holds the Cell's ``id`` and ``create_time``) and
+    per ``mindspore.jit`` function object, so graphs are reused only by reusing the objects:
+
+    * Plain layers. ``build`` hands out an idle layer of the same configuration and dtype when there is
+      one. Layers become idle in ``remove``, the last step of a case: the runner builds and wraps nothing
+      after it. Idle layers are handed out oldest first, so each case's plain layer is the previous case's
+      plain layer, which ``xnorm.remove`` made recompile for the removed-layer check: that graph serves
+      this case's plain forward. The removed-layer graph itself is compiled anew in every case, since
+      ``xnorm.remove`` gives the layer a new compile key.
+    * Wrappers. ``wrap`` always calls ``xnorm.wrap``. When xnorm.wrap made a wrapper of the same layer
+      object in an earlier case and both have the same :func:`_structure` (``dim=-2`` and ``dim=0`` of a
+      Linear, ``dim=-1`` and ``dim=None``: 19 of the 69 cases), the earlier wrapper is returned with the
+      new one's values, so its forward, eval, gradient and train-step graphs are reused.
+
+    Why no value leaks between cases: a layer or wrapper is handed out only while no case holds it
+    (layers from ``remove`` to the next ``build``; a wrapper once per hand-out of its layer); ``build``
+    overwrites every parameter of the layer (a layer has no other state); a reused wrapper gets exact
+    copies of all parameters of the wrapper xnorm.wrap has just made; and its optimizer's state
+    (global_step, accum, stat...) is restored to the values it had when created. Values reach reused
+    objects in place (:func:`_assign`), where their compiled graphs read them. The two layers of one
+    case (the plain one and the fresh one of the state check) are two hand-outs, hence two objects, and
+    so are their wrappers and parameters: the state check still loads into a different wrapper.
+    PYNATIVE_MODE compiles nothing of this and builds and wraps afresh every time.
+    """
+
     backend = "mindspore"
     dtypes = ("float32", "float64")
     dtype_reasons = {
@@ -168,6 +245,17 @@ class _MindSporeAdapter(Adapter):
         self._steps: weakref.WeakKeyDictionary[nn.Cell, Any] = weakref.WeakKeyDictionary()
         self._grad_steps: weakref.WeakKeyDictionary[nn.Cell, Any] = weakref.WeakKeyDictionary()
         self._device = "cpu"
+        # GRAPH_MODE reuse of compiled layers and wrappers across cases (see the class docstring).
+        # (layer, dtype) of every layer build() made:
+        self._layer_keys: weakref.WeakKeyDictionary[nn.Cell, Tuple[LayerCase, str]] = weakref.WeakKeyDictionary()
+        # layers no case holds, by (layer, dtype), oldest first:
+        self._idle_layers: Dict[Tuple[LayerCase, str], List[nn.Cell]] = {}
+        # layers build() handed out since the last remove(), in order:
+        self._handed_out: List[nn.Cell] = []
+        # the wrappers xnorm.wrap made of each layer, by structure (_structure):
+        self._wrappers_of: weakref.WeakKeyDictionary[nn.Cell, Dict[tuple, nn.Cell]] = weakref.WeakKeyDictionary()
+        # wrappers wrap() returned since their layer was last handed out:
+        self._wrappers_in_use: weakref.WeakSet[nn.Cell] = weakref.WeakSet()
 
     def versions(self) -> Dict[str, str]:
         return {"mindspore": mindspore.__version__, "numpy": np.__version__}
@@ -190,28 +278,72 @@ class _MindSporeAdapter(Adapter):
 
     # -- life cycle -------------------------------------------------------------------------------
     def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> nn.Cell:
-        ms_dtype = _DTYPES[dtype]
-        cell = build_mindspore_layer(layer, ms_dtype)
+        """A plain layer holding ``weight`` and ``bias``: in GRAPH_MODE an idle one of the same layer
+        configuration and dtype when there is one (see the class docstring), else a new one."""
+        key = (layer, dtype)
+        idle = self._idle_layers.get(key) if self._reuse else None
+        reused = bool(idle)
+        if reused:
+            cell = idle.pop(0)  # oldest first: each case's first build gets the last case's first layer
+            for wrapper in self._wrappers_of.get(cell, {}).values():
+                self._wrappers_in_use.discard(wrapper)
+        else:
+            cell = build_mindspore_layer(layer, _DTYPES[dtype])
+            self._layer_keys[cell] = key
+        if self._reuse:
+            self._handed_out.append(cell)
         layout = storage_layout(layer)
         name = "embedding_table" if layer.kind == LayerKind.EMBEDDING else "weight"
-        getattr(cell, name).set_data(_tensor(layout.to_storage(np.asarray(weight)), dtype))
+        params = dict(cell.parameters_and_names())
+        if sorted(params) != sorted([name] + (["bias"] if bias is not None else [])):
+            raise RuntimeError(f"{layer.label}: the plain layer has parameters {sorted(params)}")
+        # Every parameter is overwritten: a reused layer keeps nothing of an earlier case. A reused one is
+        # written in place, since the graphs of its wrappers' jit functions may hold its bias (_assign).
+        put = _assign if reused else Parameter.set_data
+        put(params[name], _tensor(layout.to_storage(np.asarray(weight)), dtype))
         if bias is not None:
-            cell.bias.set_data(_tensor(bias, dtype))
+            put(params["bias"], _tensor(bias, dtype))
         self._layouts[cell] = layout
         return cell
 
     #: passed to xnorm.wrap as fused=; True only in the fused adapters.
     fused: bool = False
 
+    @property
+    def _reuse(self) -> bool:
+        return self.mode == mindspore.GRAPH_MODE
+
     def wrap(self, handle: nn.Cell, dim: Optional[int]) -> nn.Cell:
+        """``xnorm.wrap(handle, dim=dim)``. In GRAPH_MODE, when xnorm.wrap made a wrapper of this very layer
+        with the same structure in an earlier case (``dim=-2`` and ``dim=0`` of a Linear, ``dim=-1`` and
+        ``dim=None``), that wrapper is returned instead, holding the values the new one was created
+        with (g, v and the rest, copied exactly) and with its optimizer back in its initial state."""
         wrapped = xnorm.wrap(handle, dim=dim, fused=self.fused)
         self._layouts[wrapped] = self._layouts[handle]
+        if not self._reuse or handle not in self._layer_keys:
+            return wrapped
+        structure = _structure(wrapped)
+        mine = self._wrappers_of.setdefault(handle, {})
+        earlier = mine.get(structure)
+        if earlier is not None and earlier not in self._wrappers_in_use:
+            _copy_values(wrapped, earlier)
+            self._reset_optimizer(earlier)
+            wrapped = earlier
+        elif earlier is None:
+            mine[structure] = wrapped
+        self._wrappers_in_use.add(wrapped)
         return wrapped
 
     def remove(self, handle: nn.Cell) -> nn.Cell:
         layout = self._layouts[handle]
         plain = xnorm.remove(handle)
         self._layouts[plain] = layout
+        if self._reuse:
+            # The runner builds and wraps nothing after remove in a case: every layer handed out since
+            # the last remove (this case's, and those of a case that failed before its remove) is idle.
+            for cell in self._handed_out:
+                self._idle_layers.setdefault(self._layer_keys[cell], []).append(cell)
+            self._handed_out.clear()
         return plain
 
     # -- observation ------------------------------------------------------------------------------
@@ -279,9 +411,9 @@ class _MindSporeAdapter(Adapter):
                 for key, grad in zip(keys, grads, strict=True)}
 
     def _train_step(self, handle: nn.Cell, lr: float):
-        step = self._steps.get(handle)
-        if step is not None:
-            return step
+        cached = self._steps.get(handle)
+        if cached is not None and cached[0] == lr:
+            return cached[1]
         optimizer = nn.SGD(handle.trainable_params(), learning_rate=lr)  # momentum 0, no weight decay
 
         def loss_fn(data, target):
@@ -296,8 +428,20 @@ class _MindSporeAdapter(Adapter):
             return loss
 
         step = mindspore.jit(train_step) if self.mode == mindspore.GRAPH_MODE else train_step
-        self._steps[handle] = step
+        # The optimizer's own state as created (global_step, learning_rate, momentum, accum.*, stat.*),
+        # restored when a later case reuses the wrapper (_reset_optimizer).
+        network = {id(param) for param in handle.trainable_params()}
+        initial = [(param, param.asnumpy().copy()) for _, param in optimizer.parameters_and_names()
+                   if id(param) not in network]
+        self._steps[handle] = (lr, step, initial)
         return step
+
+    def _reset_optimizer(self, handle: nn.Cell) -> None:
+        """Put the optimizer of ``handle``'s train step (if it has one) back in its initial state."""
+        cached = self._steps.get(handle)
+        if cached is not None:
+            for param, value in cached[2]:
+                _assign(param, Tensor(value.copy()))
 
     def sgd_step(self, handle: nn.Cell, x: np.ndarray, target: np.ndarray, lr: float) -> nn.Cell:
         step = self._train_step(handle, lr)
