@@ -108,11 +108,14 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     shared = ["--results-dir", args.results_dir, "--jobs", "1"]
     shared += [arg for device in args.device for arg in ("--device", device)]
     shared += ["--quiet"] * args.quiet + ["--best-effort"] * args.best_effort
-    # The children import what this process can: a third-party adapter next to the user included.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *filter(None, sys.path)]))
+    # A child imports exactly what this process imports (a third-party adapter included): this import
+    # path, without the working directory `python -c` puts first, where a repository's source xnorm/
+    # would shadow the installed package.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, sys.path)))
+    child = "import sys; sys.path[0] == '' and sys.path.pop(0); from xnorm.cli import main; sys.exit(main())"
 
     def run(name: str):
-        command = [sys.executable, "-m", "xnorm.cli", "conformance", "--backend", name, *shared]
+        command = [sys.executable, "-c", child, "conformance", "--backend", name, *shared]
         return subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
 
     with ThreadPoolExecutor(jobs) as pool:
