@@ -105,6 +105,8 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from .conformance.adapters import ADAPTERS
+
     shared = ["--results-dir", args.results_dir, "--jobs", "1"]
     shared += [arg for device in args.device for arg in ("--device", device)]
     shared += ["--quiet"] * args.quiet + ["--best-effort"] * args.best_effort
@@ -118,7 +120,9 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     child = "import sys; sys.path[0] == '' and sys.path.pop(0); from xnorm.cli import main; sys.exit(main())"
 
     def run(name: str):
-        command = [sys.executable, "-c", child, "conformance", "--backend", name, *shared]
+        # module:Class, never the name: "torch" alone would mean the torch backend, both its adapters.
+        target = ADAPTERS.get(name, name)
+        command = [sys.executable, "-c", child, "conformance", "--backend", target, *shared]
         return subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
 
     with ThreadPoolExecutor(jobs) as pool:

@@ -227,3 +227,21 @@ def test_adapters_run_side_by_side_in_their_own_processes(tmp_path, adapters, ca
     assert _summary(results, "numpy-reference")["counts"]["failed"] == 0
     assert main([*argv[:-4], "--results-dir", str(results), "--jobs", "0"]) == 2
     assert "--jobs 0: give at least 1" in capfd.readouterr().err
+
+
+def test_each_adapter_of_a_backend_runs_once_even_when_one_shares_the_backends_name(
+    tmp_path, adapters, capfd, monkeypatch
+):
+    # Like torch: a backend "numpy-reference" whose first adapter is also called "numpy-reference".
+    from xnorm.conformance import adapters as table
+
+    monkeypatch.setitem(table.ADAPTERS, "numpy-reference", REFERENCE)
+    monkeypatch.setitem(table.ADAPTERS, "numpy-noisy", f"{adapters}:Noisy")
+    monkeypatch.setitem(table.BACKEND_ADAPTERS, "numpy-reference", ("numpy-reference", "numpy-noisy"))
+    results = tmp_path / "results"
+    argv = ["conformance", "--backend", "numpy-reference", "--results-dir", str(results), "--jobs", "2"]
+    assert main(argv) == 0
+    captured = capfd.readouterr()
+    for name in ("numpy-reference", "numpy-noisy"):
+        assert captured.err.count(f"running {name} on cpu") == 1, captured.err
+        assert captured.out.count(f"{name}: ") == 1, captured.out
