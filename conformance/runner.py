@@ -21,6 +21,11 @@ check                 what is compared                                          
                       weight and output vs the reference
 ====================  =========================================================================  ==========
 
+Every check ends in one of four states: *passed*, *failed*, *xfail* (a failure an entry of
+``expected_failures/<adapter>.toml`` covers, with its reason) or *not-run* (with its reason: an earlier
+step raised, the adapter does not offer the dtype, the device is absent). A check starts not run and
+only a comparison moves it, so a check the life cycle never reached is never counted as passed.
+
 The training reference starts from the backend's own g and v (so the init error is not counted
 twice), computes each step in float64 and rounds g, v and bias to the case's dtype after each update,
 as a framework storing them in that dtype does.
@@ -86,6 +91,11 @@ CHECK_QUANTITY = {
 CHECKS = tuple(CHECK_QUANTITY)
 
 
+#: The four states of a check, and of a case (the worst of its checks, see :func:`case_state`).
+PASSED, FAILED, XFAIL, NOT_RUN = "passed", "failed", "xfail", "not-run"
+STATES = (PASSED, FAILED, XFAIL, NOT_RUN)
+
+
 def state_counts(states: Iterable[str]) -> Dict[str, int]:
     """``{state: count}`` over :data:`STATES`, every state present (zeros included), in that order."""
     counts = dict.fromkeys(STATES, 0)
@@ -96,11 +106,6 @@ def state_counts(states: Iterable[str]) -> Dict[str, int]:
 
 class ConformanceError(Exception):
     """A misuse of the suite itself (bad expected-failure file, adapter breaking the protocol)."""
-
-
-#: The four states of a check, and of a case (the worst of its checks, see :func:`case_state`).
-PASSED, FAILED, XFAIL, NOT_RUN = "passed", "failed", "xfail", "not-run"
-STATES = (PASSED, FAILED, XFAIL, NOT_RUN)
 
 
 @dataclasses.dataclass
