@@ -110,10 +110,11 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     shared = ["--results-dir", args.results_dir, "--jobs", "1"]
     shared += [arg for device in args.device for arg in ("--device", device)]
     shared += ["--quiet"] * args.quiet + ["--best-effort"] * args.best_effort
-    # A child imports exactly what this process imports (a third-party adapter included): this import
-    # path, without the working directory `python -c` puts first, where a repository's source xnorm/
-    # would shadow the installed package.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, sys.path)))
+    # A child imports what this process imports (a third-party adapter included): this import path, led
+    # by the folder this xnorm came from, and without the working directory `python -c` puts first; a
+    # repository's source xnorm/ (no conformance/ inside) must never shadow the installed package.
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, *filter(None, sys.path)]))
     # Each child's OpenMP pool gets its share of the cores: torch's CPU kernels, two processes each spinning
     # a pool of every core, ran 3x slower than one process alone. A setting of the user's stays.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))

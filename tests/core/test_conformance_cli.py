@@ -250,3 +250,15 @@ def test_each_adapter_of_a_backend_runs_once_even_when_one_shares_the_backends_n
     for name in ("numpy-reference", "numpy-noisy"):
         assert captured.err.count(f"running {name} on cpu") == 1, captured.err
         assert captured.out.count(f"{name}: ") == 1, captured.out
+
+
+def test_children_import_this_xnorm_even_with_the_repositorys_source_on_the_path(tmp_path, monkeypatch, capfd):
+    # Tests that import examples/ put the repository root on sys.path; its source xnorm/ has no conformance/
+    # (that is installed from conformance/), so a child that imported it could not run an adapter.
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    results = tmp_path / "results"
+    argv = ["conformance", "--backend", REFERENCE, "--backend", REFERENCE, "--results-dir", str(results)]
+    assert main([*argv, "--jobs", "2"]) == 0, capfd.readouterr().err
+    assert "ModuleNotFoundError" not in capfd.readouterr().err
