@@ -8,8 +8,10 @@ Layout rules for every array crossing the protocol:
 
 * weights: canonical layout (Linear ``(out, in)``, ConvNd ``(out, in/groups, *k)``, ConvTransposeNd
   ``(in, out/groups, *k)``, Embedding ``(num, features)``);
-* g: the reference's shape, i.e. the weight's shape with every axis but ``dim`` of size 1, or 0-d
-  for ``dim=None``/``-1``;
+* a reparametrization's tensors and state are keyed by the spec's neutral names (``spec.tensors``,
+  ``spec.state``): weight norm's ``g`` (the weight's shape with every axis but ``dim`` of size 1, or
+  0-d for ``dim=None``/``-1``) and ``v`` (canonical layout); spectral norm's ``original`` (W, canonical
+  layout) and state ``u`` (h) and ``v`` (w) of its matrix view;
 * inputs and outputs: ``(N, C, *spatial)`` for convolutions, ``(N, features)`` for Linear, integer
   indices of any shape for Embedding (output ``(*indices.shape, features)``);
 * bfloat16 values travel as float32 arrays holding exactly representable values.
@@ -24,6 +26,8 @@ import abc
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from xnorm.spec import Reparametrization
 
 from .cases import LayerCase
 
@@ -41,6 +45,10 @@ class Adapter(abc.ABC):
     dtypes: Sequence[str] = ("float32", "float64")
     #: Why a dtype of the catalogue is not in ``dtypes`` (shown in the report next to its not-run cases).
     dtype_reasons: Dict[str, str] = {}
+    #: reparametrization kinds (``spec.kind``) this adapter runs; the catalogue's others are reported not run.
+    reparametrizations: Sequence[str] = ("weight_norm",)
+    #: Why a reparametrization of the catalogue is not in ``reparametrizations``.
+    reparametrization_reasons: Dict[str, str] = {}
     #: devices the suite may ask for; ``supports_device`` says which are present on this machine.
     devices: Sequence[str] = ("cpu",)
 
@@ -61,18 +69,27 @@ class Adapter(abc.ABC):
         """A plain (unwrapped) layer of ``layer.kind`` holding ``weight`` and ``bias`` (canonical layout)."""
 
     @abc.abstractmethod
-    def wrap(self, handle: Any, dim: Optional[int]) -> Any:
-        """``xnorm.wrap(layer, dim=dim)`` on the plain layer; returns the wrapped handle."""
+    def wrap(self, handle: Any, spec: Reparametrization) -> Any:
+        """``xnorm.wrap(layer, spec)`` on the plain layer, in training mode; returns the wrapped handle."""
 
     @abc.abstractmethod
     def remove(self, handle: Any) -> Any:
-        """``xnorm.remove`` on a wrapped layer; returns the plain handle."""
+        """``xnorm.remove`` on a wrapped layer in training mode; returns the plain handle."""
 
     # -- observation ------------------------------------------------------------------------------
     @abc.abstractmethod
     def parameters(self, handle: Any) -> Dict[str, np.ndarray]:
-        """Trainable values, canonical layout: ``{"g", "v"[, "bias"]}`` when wrapped,
-        ``{"weight"[, "bias"]}`` when plain."""
+        """Trainable values, canonical layout: the spec's tensors and ``"bias"`` (``{"g", "v"[, "bias"]}``
+        for weight norm) when wrapped, ``{"weight"[, "bias"]}`` when plain."""
+
+    def state(self, handle: Any) -> Dict[str, np.ndarray]:
+        """The reparametrization's non-trainable state (``{"u", "v"}`` for spectral norm); ``{}`` when it has none."""
+        return {}
+
+    def set_state(self, handle: Any, state: Dict[str, np.ndarray]) -> Any:
+        """Overwrite the state with ``state`` (the suite sets every backend to the same values after the
+        init check); returns the handle. Needed by adapters of reparametrizations with state."""
+        raise NotImplementedError(f"{type(self).__name__} cannot set a reparametrization's state")
 
     @abc.abstractmethod
     def parameter_names(self, handle: Any) -> List[str]:
@@ -80,7 +97,7 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def weight(self, handle: Any) -> np.ndarray:
-        """The weight the layer computes with (``w`` when wrapped), canonical layout."""
+        """The weight an eval-mode use computes (``w`` when wrapped), canonical layout; the state must not change."""
 
     @abc.abstractmethod
     def forward(self, handle: Any, x: np.ndarray, *, training: bool = True) -> np.ndarray:
@@ -89,7 +106,8 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def gradients(self, handle: Any, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
-        """Gradients of ``sum(forward(x) * grad_output)`` w.r.t. ``{"g", "v"[, "bias"]}``, canonical layout."""
+        """Gradients of ``sum(forward(x) * grad_output)``, a training-mode call, w.r.t. the spec's tensors
+        and ``"bias"``, canonical layout."""
 
     @abc.abstractmethod
     def sgd_step(self, handle: Any, x: np.ndarray, target: np.ndarray, lr: float) -> Any:

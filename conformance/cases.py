@@ -1,8 +1,10 @@
-"""The catalogue of conformance cases: layer kinds x dims x dtypes x devices, with fixed seeds.
+"""The catalogue of conformance cases: reparametrizations x layer kinds x dims x dtypes x devices, with fixed seeds.
 
-A case id reads ``<layer>-dim<dim>-<dtype>-<device>``, for example ``conv1d-dim0-float32-cpu`` or
-``conv_transpose1d-g2-s2-op1-dimNone-bfloat16-gpu``. Every array a case uses is drawn from a seed
-derived from its id, so each case is reproducible on its own and identical in every backend.
+A weight-norm case id reads ``<layer>-dim<dim>-<dtype>-<device>``, for example ``conv1d-dim0-float32-cpu``
+or ``conv_transpose1d-g2-s2-op1-dimNone-bfloat16-gpu``; other reparametrizations put their label after
+the layer (``conv1d-sn3-dimNone-float32-cpu``: spectral norm, 3 power iterations, the default dim).
+Every array a case uses is drawn from a seed derived from its id, so each case is reproducible on its
+own and identical in every backend.
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from xnorm.reference import round_to_dtype
-from xnorm.spec import FLOATING_DTYPES, LayerKind
+from xnorm.spec import FLOATING_DTYPES, LayerKind, Reparametrization, SpectralNorm, WeightNorm, spectral_matrix_shape
 
-__all__ = ["LayerCase", "Case", "LAYERS", "CATALOGUE_DTYPES", "catalogue", "dims_for"]
+__all__ = [
+    "LayerCase",
+    "Case",
+    "LAYERS",
+    "CATALOGUE_DTYPES",
+    "CATALOGUE_REPARAMETRIZATIONS",
+    "catalogue",
+    "dims_for",
+    "spectral_variants",
+]
 
 #: Every dtype the catalogue holds cases for. An adapter runs those it lists in ``Adapter.dtypes``; the
 #: others are reported as not run, with the adapter's reason (``Adapter.dtype_reasons``).
@@ -133,23 +144,50 @@ def dims_for(ndim: int) -> Tuple[Optional[int], ...]:
     return tuple(dims)
 
 
+def spectral_variants(layer: LayerCase) -> Tuple[SpectralNorm, ...]:
+    """Spectral-norm cases of a layer: the default dim and the other channel axis with one power iteration,
+    and the default dim with three."""
+    other = 0 if layer.kind in LayerKind.CONV_TRANSPOSE else 1
+    return (SpectralNorm(), SpectralNorm(dim=other), SpectralNorm(n_power_iterations=3))
+
+
+#: The reparametrizations the catalogue holds cases for, by ``kind``.
+CATALOGUE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm")
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
+    """One case. ``options`` is the reparametrization without its ``dim`` (kept in ``dim`` so that ids
+    and the many places reading ``case.dim`` stay simple); :attr:`spec` puts them together."""
+
     layer: LayerCase
     dim: Optional[int]
     dtype: str
     device: str
-    #: The reparametrization under test (one name of xnorm's spec).
-    reparametrization: str = "weight_norm"
+    options: Reparametrization = WeightNorm()
+
+    @property
+    def spec(self) -> Reparametrization:
+        """The reparametrization under test, ``dim`` included: what the adapter passes to ``xnorm.wrap``."""
+        return dataclasses.replace(self.options, dim=self.dim)
+
+    @property
+    def reparametrization(self) -> str:
+        return self.options.kind
+
+    @property
+    def _stem(self) -> str:
+        label = "" if isinstance(self.options, WeightNorm) else f"-{self.options.label}"
+        return f"{self.layer.label}{label}-dim{self.dim}-{self.dtype}"
 
     @property
     def id(self) -> str:
-        return f"{self.layer.label}-dim{self.dim}-{self.dtype}-{self.device}"
+        return f"{self._stem}-{self.device}"
 
     @property
     def seed(self) -> int:
         # Independent of the device: every device sees the same numbers.
-        return zlib.crc32(f"{self.layer.label}-dim{self.dim}-{self.dtype}".encode())
+        return zlib.crc32(self._stem.encode())
 
     def arrays(self) -> Dict[str, np.ndarray]:
         """The case's data, rounded to its dtype (float32 storage for bfloat16; float64 stays float64).
@@ -179,15 +217,30 @@ class Case:
         shape = output_shape(layer)
         out["grad_output"] = draw(shape)
         out["target"] = draw(shape)
+        if self.options.state and len(layer.weight_shape) > 1:
+            # the raw draws spectral norm's state starts from (normalized and iterated by the oracle)
+            dim = self.spec.resolved_dim(len(layer.weight_shape), layer.kind)
+            h, w = spectral_matrix_shape(layer.weight_shape, dim)
+            out["u0"] = rng.standard_normal(h)
+            out["v0"] = rng.standard_normal(w)
         return out
 
 
-def catalogue(dtypes: Iterable[str], devices: Iterable[str] = ("cpu",)) -> List[Case]:
-    """Every case for the given dtypes and devices, in a stable order."""
+def catalogue(
+    dtypes: Iterable[str],
+    devices: Iterable[str] = ("cpu",),
+    reparametrizations: Iterable[str] = CATALOGUE_REPARAMETRIZATIONS,
+) -> List[Case]:
+    """Every case for the given dtypes, devices and reparametrization kinds, in a stable order."""
+    kinds = tuple(reparametrizations)
     cases = []
     for device in devices:
         for dtype in dtypes:
             for layer in LAYERS:
-                for dim in dims_for(len(layer.weight_shape)):
-                    cases.append(Case(layer, dim, dtype, device))
+                if "weight_norm" in kinds:
+                    for dim in dims_for(len(layer.weight_shape)):
+                        cases.append(Case(layer, dim, dtype, device))
+                if "spectral_norm" in kinds:
+                    for spec in spectral_variants(layer):
+                        cases.append(Case(layer, spec.dim, dtype, device, dataclasses.replace(spec, dim=None)))
     return cases

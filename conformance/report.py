@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .cases import CATALOGUE_DTYPES
+from .cases import CATALOGUE_DTYPES, CATALOGUE_REPARAMETRIZATIONS
 from .runner import CHECKS, FAILED, NOT_RUN, PASSED, STATES, XFAIL
 from .tolerances import TOLERANCE_VERSION, compare, cross_tolerance
 
@@ -95,13 +95,15 @@ def _worst(checks: List[dict]) -> Optional[dict]:
 
 
 def check_rows(summary: dict) -> List[dict]:
-    """Per (check, dtype) with at least one case that ran: state counts and the worst check with its case id."""
-    groups: Dict[Tuple[str, str], List[Tuple[str, dict]]] = {}
+    """Per (reparametrization, check, dtype) with at least one case that ran: state counts and the worst
+    check with its case id."""
+    groups: Dict[Tuple[str, str, str], List[Tuple[str, dict]]] = {}
     for case in summary["cases"]:
+        kind = case.get("reparametrization", "weight_norm")
         for name, check in case["checks"].items():
-            groups.setdefault((name, case["dtype"]), []).append((case["id"], check))
+            groups.setdefault((kind, name, case["dtype"]), []).append((case["id"], check))
     rows = []
-    for (name, dtype), entries in groups.items():
+    for (kind, name, dtype), entries in groups.items():
         counts = dict.fromkeys(STATES, 0)
         for _, check in entries:
             counts[check["state"]] += 1
@@ -109,8 +111,12 @@ def check_rows(summary: dict) -> List[dict]:
             continue  # a dtype or device that did not run at all: listed under "Not run" with its reason
         worst = _worst([check for _, check in entries])
         worst_id = next((case_id for case_id, check in entries if check is worst), "")
-        rows.append({"check": name, "dtype": dtype, "counts": counts, "worst": worst, "worst_id": worst_id})
-    rows.sort(key=lambda r: (CHECKS.index(r["check"]) if r["check"] in CHECKS else 99, _dtype_order(r["dtype"])))
+        rows.append(
+            {"reparametrization": kind, "check": name, "dtype": dtype, "counts": counts, "worst": worst,
+             "worst_id": worst_id}
+        )
+    rows.sort(key=lambda r: (r["reparametrization"] != "weight_norm", r["reparametrization"],
+                             CHECKS.index(r["check"]) if r["check"] in CHECKS else 99, _dtype_order(r["dtype"])))
     return rows
 
 
@@ -145,6 +151,7 @@ def adapter_report(summary: dict) -> str:
         worst, counts = row["worst"], row["counts"]
         rows.append(
             [
+                row["reparametrization"],
                 row["check"],
                 row["dtype"],
                 worst["quantity"] if worst else "",
@@ -156,7 +163,7 @@ def adapter_report(summary: dict) -> str:
             ]
         )
     if rows:
-        header = ["check", "dtype", "quantity", *(STATE_WORDS[s] for s in STATES)]
+        header = ["reparametrization", "check", "dtype", "quantity", *(STATE_WORDS[s] for s in STATES)]
         lines.append(_table(header + ["worst abs err", "tolerance", "err/allowed", "worst case"], rows))
     failures = [case for case in summary["cases"] if case["status"] == FAILED]
     if failures:
@@ -316,6 +323,13 @@ def reparametrization_counts(summary: dict) -> Dict[str, Dict[str, int]]:
     return out
 
 
+def reparametrization_columns(runs: Dict[str, Run]) -> List[str]:
+    """The reparametrizations the runs hold, in the catalogue's order (weight norm first), then any other."""
+    present = {r for run in runs.values() for r in reparametrization_counts(run.summary)}
+    known = [r for r in CATALOGUE_REPARAMETRIZATIONS if r in present]
+    return known + sorted(present - set(CATALOGUE_REPARAMETRIZATIONS))
+
+
 def _judge(runs: Dict[str, Run], pairs: List[PairResult], best_effort: bool) -> Tuple[str, List[str]]:
     """("PASSED" | "FAILED" | "INCOMPLETE", the reasons for anything but PASSED)."""
     problems, missing = [], []
@@ -345,7 +359,7 @@ def verdict(runs: Dict[str, Run], pairs: List[PairResult], *, best_effort: bool 
     """
     word, reasons = _judge(runs, pairs, best_effort)
     lines = [f"**Verdict: {word}**" + (": " + "; ".join(reasons) if reasons else ""), ""]
-    reparams = sorted({r for run in runs.values() for r in reparametrization_counts(run.summary)})
+    reparams = reparametrization_columns(runs)
     rows = []
     for run in runs.values():
         counts = reparametrization_counts(run.summary)

@@ -18,6 +18,7 @@ from .report import (
     _grouped_reasons,
     _ratio_text,
     check_rows,
+    reparametrization_columns,
     reparametrization_counts,
 )
 from .runner import CHECKS, FAILED, NOT_RUN, PASSED, STATES, XFAIL
@@ -59,7 +60,7 @@ def _state_cell(state: str, text: str, title: str = "") -> str:
 
 
 def _verdict(runs: Dict[str, Run], pairs: List[PairResult], word: str) -> str:
-    reparams = sorted({r for run in runs.values() for r in reparametrization_counts(run.summary)})
+    reparams = reparametrization_columns(runs)
     rows = []
     for run in runs.values():
         counts = reparametrization_counts(run.summary)
@@ -94,6 +95,10 @@ def _verdict(runs: Dict[str, Run], pairs: List[PairResult], word: str) -> str:
 def _array_link(run: Run, key: str) -> str:
     case_id, _, array = key.partition("::")
     return f'<a href="#{_e(case_anchor(run.name, case_id))}">{_e(case_id)}</a> <code>{_e(array)}</code>'
+
+
+#: a check the case's reparametrization does not have (spectral norm has no "preserves")
+_ABSENT = {"state": "absent", "ratio": None, "detail": "this reparametrization has no such check"}
 
 
 def _adapter_section(run: Run, results_dir: Path) -> str:
@@ -153,10 +158,12 @@ def _adapter_section(run: Run, results_dir: Path) -> str:
                 *(
                     _state_cell(
                         check["state"],
-                        _ratio_text(check) if check["state"] in (PASSED, FAILED) else STATE_WORDS[check["state"]],
+                        _ratio_text(check)
+                        if check["state"] in (PASSED, FAILED)
+                        else STATE_WORDS.get(check["state"], "-"),
                         check["detail"],
                     )
-                    for check in (case["checks"][name] for name in CHECKS)
+                    for check in (case["checks"].get(name, _ABSENT) for name in CHECKS)
                 ),
                 "<details><summary>reason, arrays</summary>" + "<br>".join(notes) + "</details>" if notes else "",
             ]

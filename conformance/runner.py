@@ -1,34 +1,41 @@
 """Run the catalogue through an adapter, check every quantity against the NumPy reference, save results.
 
-Each case goes through one life cycle, and every step is compared with :mod:`xnorm.reference` and
-:mod:`xnorm.conformance.layers` in float64:
+Each case goes through one life cycle, and every step is compared in float64 with what the case's
+*oracle* (:mod:`xnorm.conformance.oracles`: the reparametrization's NumPy reference) and
+:mod:`xnorm.conformance.layers` say. "Tensors" are the reparametrization's trainable tensors (g and v
+for weight norm, W for spectral norm) and "state" its non-trainable state (spectral norm's u and v):
 
 ====================  =========================================================================  ==========
 check                 what is compared                                                           quantity
 ====================  =========================================================================  ==========
 ``plain_forward``     the unwrapped layer's output vs the reference layer (the adapter builds    forward
                       the layer it claims to)
-``init``              g and v right after wrapping vs ``reference.init(W)``                      weight
-``weight``            the weight the wrapped layer computes with vs ``weight_norm(g, v)``         weight
-``preserves``         wrapped output vs the plain layer's output (wrapping is function-          forward
-                      preserving)
-``forward``           wrapped output vs the reference layer with the reference w                 forward
-``gradient``          dL/dg, dL/dv, dL/dbias for a random dL/dy vs the analytic gradients        gradient
-``eval``              inference-mode output vs training-mode output                              exact
-``training``          g, v, bias after each of 20 SGD steps vs the reference trajectory          training
-``state``             parameters and output after a save/load round trip into a fresh layer     exact
+``init``              tensors (and the state's structure) right after wrapping vs the oracle     weight
+``weight``            the weight an eval-mode use computes vs the oracle's, from the backend's   weight
+                      own tensors and state (spectral norm: the state is first set to the
+                      case's own, so every backend continues from the same values)
+``preserves``         wrapped output vs the plain layer's output (weight norm only: wrapping     forward
+                      is function-preserving)
+``forward``           training-mode output, and the state after it, vs the oracle                forward
+``gradient``          d/d tensors and dL/dbias for a random dL/dy vs the analytic gradients      gradient
+``eval``              eval-mode output vs the training-mode output, state unchanged              exact
+``training``          tensors, bias and state after each of 20 SGD steps vs the oracle's         training
+                      trajectory
+``state``             tensors, state and eval output after a save/load round trip into a fresh   exact
+                      layer
 ``remove``            plain structure again (same parameter names as the original layer),        forward
-                      weight and output vs the reference
+                      weight and output vs the oracle (removed in training mode)
 ====================  =========================================================================  ==========
 
+A check a reparametrization does not have (``preserves`` for spectral norm) is absent from its cases.
 Every check ends in one of four states: *passed*, *failed*, *xfail* (a failure an entry of
 ``expected_failures/<adapter>.toml`` covers, with its reason) or *not-run* (with its reason: an earlier
 step raised, the adapter does not offer the dtype, the device is absent). A check starts not run and
 only a comparison moves it, so a check the life cycle never reached is never counted as passed.
 
-The training reference starts from the backend's own g and v (so the init error is not counted
-twice), computes each step in float64 and rounds g, v and bias to the case's dtype after each update,
-as a framework storing them in that dtype does.
+The training reference starts from the backend's own tensors (so the init error is not counted
+twice), computes each step in float64 and rounds tensors and bias to the case's dtype (state to its
+compute dtype) after each update, as a framework storing them so does.
 """
 
 from __future__ import annotations
@@ -48,12 +55,12 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import tomllib
 
-from xnorm import reference
 from xnorm.reference import round_to_dtype
 
 from . import layers
 from .adapter import Adapter
 from .cases import CATALOGUE_DTYPES, Case, catalogue
+from .oracles import Oracle, oracle_for
 from .tolerances import TOLERANCE_VERSION, compare, tolerance
 
 __all__ = [
@@ -178,7 +185,8 @@ def case_state(checks: Iterable[CheckResult]) -> str:
 @dataclasses.dataclass
 class CaseResult:
     """One case of one adapter. ``status`` is one of :data:`STATES`; ``checks`` always holds every check
-    of :data:`CHECKS`, each in its own state, also for a case that did not run at all."""
+    its reparametrization has (a subset of :data:`CHECKS`), each in its own state, also for a case that
+    did not run at all."""
 
     case: Case
     adapter: str
@@ -212,7 +220,9 @@ class CaseResult:
 
 
 def _fresh_checks(case: Case) -> Dict[str, CheckResult]:
-    return {name: CheckResult(name, q, *tolerance(case.dtype, q)) for name, q in CHECK_QUANTITY.items()}
+    names = oracle_for(case).checks
+    return {name: CheckResult(name, CHECK_QUANTITY[name], *tolerance(case.dtype, CHECK_QUANTITY[name])) for name in
+            names}
 
 
 def not_run(case: Case, adapter_name: str, reason: str) -> CaseResult:
@@ -264,7 +274,7 @@ def load_expected_failures(adapter: Adapter, *, path: Optional[Path] = None) -> 
         if raw.get("check", "") not in ("", *CHECKS):
             raise ConformanceError(f"{where}: unknown check {raw['check']!r}; checks are {', '.join(CHECKS)}")
         entries.append(ExpectedFailure(raw["case"], raw["reason"].strip(), raw.get("check", "")))
-    every_id = [case.id for case in catalogue(adapter.dtypes, adapter.devices)]
+    every_id = [case.id for case in catalogue(adapter.dtypes, adapter.devices, adapter.reparametrizations)]
     stale = [entry.case for entry in entries if not any(entry.matches(case_id) for case_id in every_id)]
     if stale:
         raise ConformanceError(f"{where}: entries match no case of the catalogue: {', '.join(stale)}")
@@ -275,18 +285,21 @@ def _expected(case: Case, entries: Sequence[ExpectedFailure]) -> List[ExpectedFa
     return [entry for entry in entries if entry.matches(case.id)]
 
 
-def _reference_step(case: Case, g, v, bias, x, target, dim):
-    """One float64 SGD step on 0.5 * mean((y - target)^2), parameters rounded to the case's dtype after."""
-    w = reference.weight_norm(g, v, dim)
+def _reference_step(case: Case, oracle: Oracle, tensors, state, bias, x, target):
+    """One float64 SGD step on 0.5 * mean((y - target)^2); tensors and bias rounded to the case's dtype
+    after the update, the state to its compute dtype."""
+    w, state = oracle.training_call(tensors, state)
     y = layers.forward(case.layer, w, bias, x)
     grad_y = (y - np.asarray(target, dtype=np.float64)) / y.size
     grad_w, grad_b = layers.backward(case.layer, w, x, grad_y)
-    grad_g, grad_v = reference.weight_norm_grads(g, v, grad_w, dim)
-    g = round_to_dtype(g - LEARNING_RATE * grad_g, case.dtype).astype(np.float64)
-    v = round_to_dtype(v - LEARNING_RATE * grad_v, case.dtype).astype(np.float64)
+    grads = oracle.gradients(tensors, state, grad_w)
+    tensors = {
+        key: round_to_dtype(value - LEARNING_RATE * grads[key], case.dtype).astype(np.float64)
+        for key, value in tensors.items()
+    }
     if bias is not None:
         bias = round_to_dtype(bias - LEARNING_RATE * grad_b, case.dtype).astype(np.float64)
-    return g, v, bias
+    return tensors, oracle.round_state(state), bias
 
 
 def run_case(adapter: Adapter, case: Case, expected_failures: Sequence[ExpectedFailure] = ()) -> CaseResult:
@@ -333,77 +346,103 @@ def run_case(adapter: Adapter, case: Case, expected_failures: Sequence[ExpectedF
     return result
 
 
+def _as64(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    return {key: np.asarray(value, dtype=np.float64) for key, value in arrays.items()}
+
+
 def _life_cycle(
     adapter: Adapter, case: Case, checks: Dict[str, CheckResult], saved: Dict[str, np.ndarray], stage: List[str]
 ):
     """The steps of :func:`run_case`; ``stage[0]`` names the check in progress, to blame a crash on."""
     data = case.arrays()
-    layer, dim, dtype = case.layer, case.dim, case.dtype
+    layer, spec, oracle = case.layer, case.spec, oracle_for(case)
     x, bias0 = data["x"], data.get("bias")
 
-    plain = adapter.build(layer, data["weight"], bias0, dtype)
+    def add_state(check: str, actual: Dict[str, np.ndarray], expected: Dict[str, np.ndarray], when: str) -> None:
+        for key in spec.state:
+            if key in expected:
+                checks[check].add(actual.get(key), expected[key], f"state {key} {when}")
+
+    plain = adapter.build(layer, data["weight"], bias0, case.dtype)
     plain_names = sorted(adapter.parameter_names(plain))
     y_plain = adapter.forward(plain, x)
     checks["plain_forward"].add(y_plain, layers.forward(layer, data["weight"], bias0, x), "plain layer output")
 
     stage[0] = "init"
-    wrapped = adapter.wrap(plain, dim)
-    params = adapter.parameters(wrapped)
-    g_ref, v_ref = reference.init(data["weight"], dim)
-    checks["init"].add(params["g"], g_ref, "g after wrap")
-    checks["init"].add(params["v"], v_ref, "v after wrap")
-    g, v, bias = (np.asarray(params[k], dtype=np.float64) if k in params else None for k in ("g", "v", "bias"))
+    wrapped = adapter.wrap(plain, spec)
+    params = _as64(adapter.parameters(wrapped))
+    for actual, expected, what in oracle.init_comparisons(data["weight"], params, _as64(adapter.state(wrapped))):
+        checks["init"].add(actual, expected, what)
+    tensors = {key: params[key] for key in spec.tensors}
+    bias = params.get("bias")
 
     stage[0] = "weight"
-    w_ref = reference.weight_norm(g, v, dim)
+    state = oracle.start_state(data, tensors)
+    if state is not None:
+        wrapped = adapter.set_state(wrapped, state)
+        add_state("weight", _as64(adapter.state(wrapped)), state, "after set_state")
+    state = state or {}
     w = adapter.weight(wrapped)
-    checks["weight"].add(w, w_ref, "w = v * (g / ||v||)")
+    checks["weight"].add(w, oracle.weight(tensors, state), f"w ({spec.kind}, eval mode)")
     saved["weight"] = np.asarray(w, dtype=np.float64)
 
     stage[0] = "forward"
     y = adapter.forward(wrapped, x)
-    checks["preserves"].add(y, y_plain, "wrapped output vs plain output")
-    checks["forward"].add(y, layers.forward(layer, w_ref, bias, x), "wrapped output")
+    w_ref, state = oracle.training_call(tensors, state)
+    if "preserves" in checks:
+        checks["preserves"].add(y, y_plain, "wrapped output vs plain output")
+    checks["forward"].add(y, layers.forward(layer, w_ref, bias, x), "wrapped output (training mode)")
+    add_state("forward", _as64(adapter.state(wrapped)), state, "after a training-mode call")
     saved["forward"] = np.asarray(y, dtype=np.float64)
 
     stage[0] = "eval"
+    state_before = _as64(adapter.state(wrapped))
     y_eval = adapter.forward(wrapped, x, training=False)
     checks["eval"].add(y_eval, y, "eval-mode output vs training-mode output")
+    add_state("eval", _as64(adapter.state(wrapped)), state_before, "after an eval-mode call vs before it")
 
     stage[0] = "gradient"
     grad_output = data["grad_output"]
     grads = adapter.gradients(wrapped, x, grad_output)
+    w_ref, state = oracle.training_call(tensors, state)
     grad_w, grad_b = layers.backward(layer, w_ref, x, grad_output)
-    grad_g, grad_v = reference.weight_norm_grads(g, v, grad_w, dim)
-    checks["gradient"].add(grads["g"], grad_g, "dL/dg")
-    checks["gradient"].add(grads["v"], grad_v, "dL/dv")
-    saved["grad_g"], saved["grad_v"] = np.asarray(grads["g"], np.float64), np.asarray(grads["v"], np.float64)
+    for key, expected in oracle.gradients(tensors, state, grad_w).items():
+        checks["gradient"].add(grads[key], expected, f"dL/d{key}")
+        saved[f"grad_{key}"] = np.asarray(grads[key], np.float64)
     if layer.bias:
         checks["gradient"].add(grads["bias"], grad_b, "dL/dbias")
         saved["grad_bias"] = np.asarray(grads["bias"], np.float64)
+    add_state("gradient", _as64(adapter.state(wrapped)), state, "after the gradient's training-mode call")
+    # the backend's own state from here on, as the tensors: an error is counted once, where it arose
+    state = oracle.round_state({k: v for k, v in _as64(adapter.state(wrapped)).items() if k in state})
 
     stage[0] = "training"
     trained = wrapped
-    ref_g, ref_v, ref_b = g, v, bias
+    ref_tensors, ref_state, ref_bias = tensors, state, bias
     for step in range(1, TRAINING_STEPS + 1):
         trained = adapter.sgd_step(trained, x, data["target"], LEARNING_RATE)
-        ref_g, ref_v, ref_b = _reference_step(case, ref_g, ref_v, ref_b, x, data["target"], dim)
-        now = adapter.parameters(trained)
-        checks["training"].add(now["g"], ref_g, f"g after step {step}")
-        checks["training"].add(now["v"], ref_v, f"v after step {step}")
+        ref_tensors, ref_state, ref_bias = _reference_step(
+            case, oracle, ref_tensors, ref_state, ref_bias, x, data["target"]
+        )
+        now = _as64(adapter.parameters(trained))
+        for key in spec.tensors:
+            checks["training"].add(now[key], ref_tensors[key], f"{key} after step {step}")
         if layer.bias:
-            checks["training"].add(now["bias"], ref_b, f"bias after step {step}")
-    final = adapter.parameters(trained)
-    for key, value in final.items():
-        saved[f"trained_{key}"] = np.asarray(value, dtype=np.float64)
+            checks["training"].add(now["bias"], ref_bias, f"bias after step {step}")
+        add_state("training", _as64(adapter.state(trained)), ref_state, f"after step {step}")
+    final = _as64(adapter.parameters(trained))
+    final_state = _as64(adapter.state(trained))
+    for key, value in {**final, **{f"state_{k}": v for k, v in final_state.items()}}.items():
+        saved[f"trained_{key}"] = value
 
     stage[0] = "state"
-    fresh = adapter.wrap(adapter.build(layer, data["other_weight"], data.get("other_bias"), dtype), dim)
-    y_trained = adapter.forward(trained, x)
+    fresh = adapter.wrap(adapter.build(layer, data["other_weight"], data.get("other_bias"), case.dtype), spec)
+    y_trained = adapter.forward(trained, x, training=False)
     loaded = adapter.state_roundtrip(trained, fresh)
     for key, value in adapter.parameters(loaded).items():
         checks["state"].add(value, final[key], f"{key} after save/load")
-    checks["state"].add(adapter.forward(loaded, x), y_trained, "output after save/load")
+    add_state("state", _as64(adapter.state(loaded)), final_state, "after save/load")
+    checks["state"].add(adapter.forward(loaded, x, training=False), y_trained, "eval output after save/load")
 
     stage[0] = "remove"
     removed = adapter.remove(trained)
@@ -411,7 +450,8 @@ def _life_cycle(
     if removed_names != plain_names:
         checks["remove"].fail(f"parameters after remove are {removed_names}, the plain layer had {plain_names}")
         return
-    w_final = reference.weight_norm(final["g"], final["v"], dim)
+    # removal in training mode is one more training-mode use (spectral norm iterates once more)
+    w_final, _ = oracle.training_call({key: final[key] for key in spec.tensors}, final_state)
     removed_params = adapter.parameters(removed)
     checks["remove"].add(removed_params["weight"], w_final, "weight after remove")
     y_removed = adapter.forward(removed, x)
@@ -449,6 +489,9 @@ class SuiteRun:
 
     def not_run_reason(self, case: Case) -> str:
         """Why ``case`` cannot run with this adapter here, or ``""``."""
+        if case.reparametrization not in self.adapter.reparametrizations:
+            why = self.adapter.reparametrization_reasons.get(case.reparametrization, "the adapter does not offer it")
+            return f"{case.reparametrization} is not run by {self.adapter.name}: {why}"
         if case.dtype not in self.adapter.dtypes:
             why = self.adapter.dtype_reasons.get(case.dtype, "the adapter does not offer it")
             return f"dtype {case.dtype} is not run by {self.adapter.name}: {why}"
@@ -474,7 +517,7 @@ class SuiteRun:
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "counts": state_counts(r.status for r in self.results),
             "check_counts": {
-                name: state_counts(r.checks[name].state for r in self.results) for name in CHECKS
+                name: state_counts(r.checks[name].state for r in self.results if name in r.checks) for name in CHECKS
             },
             "cases": [result.to_json() for result in self.results],
         }
@@ -505,9 +548,9 @@ def run_suite(
     adapter: Adapter, *, devices: Iterable[str] = ("cpu",), cases: Optional[Iterable[Case]] = None, progress=None
 ) -> SuiteRun:
     """Run every catalogue case (every dtype of the catalogue and every device in ``devices``) and return
-    the results; cases of a dtype the adapter does not offer or of an absent device are recorded as not
-    run. ``progress(result, done, total, runnable)`` is called after each case (``runnable``: how many of
-    the ``total`` cases run at all)."""
+    the results; cases of a reparametrization or dtype the adapter does not offer, or of an absent device,
+    are recorded as not run. ``progress(result, done, total, runnable)`` is called after each case
+    (``runnable``: how many of the ``total`` cases run at all)."""
     suite = SuiteRun(adapter)
     cases = list(cases if cases is not None else catalogue(CATALOGUE_DTYPES, devices))
     runnable = sum(not suite.not_run_reason(case) for case in cases)

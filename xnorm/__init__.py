@@ -3,8 +3,8 @@
 ``import xnorm`` imports no framework; a backend is imported when it is first used.
 """
 
-from . import reference, spec
-from .api import is_wrapped, remove, wrap
+from . import reference, reference_spectral, spec
+from .api import is_wrapped, remove, spectral_norm, weight_norm, wrap
 from .errors import (
     AlreadyWrappedError,
     BackendDetectionError,
@@ -22,19 +22,24 @@ from .errors import (
 )
 from .porting import compare, convert
 from .registry import BackendInfo, backends, register_backend
-from .spec import WeightNorm
+from .spec import Reparametrization, SpectralNorm, WeightNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "wrap",
+    "weight_norm",
+    "spectral_norm",
     "remove",
     "is_wrapped",
     "backends",
     "register_backend",
     "BackendInfo",
+    "Reparametrization",
     "WeightNorm",
+    "SpectralNorm",
     "reference",
+    "reference_spectral",
     "spec",
     "XnormError",
     "UnknownBackendError",

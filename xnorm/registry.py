@@ -18,7 +18,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .errors import BackendDetectionError, BackendNotInstalledError, UnknownBackendError
-from .spec import WeightNorm
+from .spec import Reparametrization
 
 __all__ = ["Backend", "BackendInfo", "register_backend", "get_backend", "detect_backend", "backends"]
 
@@ -37,10 +37,11 @@ class Backend:
         """True when ``obj`` is a layer, model or wrapper of this framework."""
         raise NotImplementedError
 
-    def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str], **options: Any) -> Any:
+    def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str], **options: Any) -> Any:
         """Wrap ``layer``. ``options`` holds ``fused=True`` when the user asked for the fused path
         (:func:`xnorm.spec.fused_scale_side`) and any backend-specific option; an option the backend
-        does not know raises :class:`~xnorm.errors.OptionError`."""
+        does not know raises :class:`~xnorm.errors.OptionError`. A ``spec`` type the backend does not
+        implement raises :class:`~xnorm.errors.UnsupportedLayerError` naming the ones it does."""
         raise NotImplementedError
 
     def remove(self, obj: Any, *args: Any) -> Any:

@@ -1,6 +1,9 @@
 """The framework-neutral definition of every reparametrization xnorm implements.
 
-This module is the single place for the facts every backend must agree on: how ``dim`` is read, the
+A reparametrization is a spec object (:class:`WeightNorm`, :class:`SpectralNorm`), a float64 NumPy
+reference (:mod:`xnorm.reference`, :mod:`xnorm.reference_spectral`) and one small function per
+backend; :class:`Reparametrization` is what they share. This module is the single place for the
+facts every backend must agree on: how ``dim`` is read, the
 canonical (torch) weight layout of each layer kind and how a framework's storage layout maps onto it,
 which dtypes are accepted and in which precision the norm is computed, and the names g and v take.
 docs/spec.md explains the same choices in prose; :mod:`xnorm.reference` implements them in NumPy.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Optional, Sequence, Tuple
+from typing import ClassVar, Dict, Optional, Sequence, Tuple
 
 from .errors import DimError, NonFloatingParameterError, OptionError
 
@@ -37,6 +40,10 @@ __all__ = [
     "StorageLayout",
     "Reparametrization",
     "WeightNorm",
+    "SpectralNorm",
+    "SPECTRAL_INIT_ITERATIONS",
+    "REPARAMETRIZATIONS",
+    "spectral_matrix_shape",
     "normalize_dim",
     "reduction_axes",
     "compute_dtype",
@@ -57,7 +64,7 @@ def check_floating(dtype_name: str, *, what: str) -> None:
     """Raise :class:`NonFloatingParameterError` unless ``dtype_name`` is in :data:`FLOATING_DTYPES`."""
     if dtype_name not in FLOATING_DTYPES:
         raise NonFloatingParameterError(
-            f"{what} has dtype {dtype_name}; weight normalization needs a floating weight "
+            f"{what} has dtype {dtype_name}; a reparametrization needs a floating weight "
             f"({', '.join(FLOATING_DTYPES)}). Cast the layer to a floating dtype first, or pass name= "
             "to pick a floating parameter."
         )
@@ -214,23 +221,61 @@ class StorageLayout:
         return squeezed.transpose(inverse)
 
 
-@dataclasses.dataclass(frozen=True)
 class Reparametrization:
-    """What a backend needs to know about a reparametrization, whatever its math.
+    """What every part of xnorm needs to know about a reparametrization, whatever its math.
 
-    ``trainable_suffixes`` name the trainable tensors that replace the wrapped parameter ``name``
-    (they are stored as ``name + suffix``). ``buffer_suffixes`` name non-trainable state (spectral
-    norm's power-iteration vectors); ``updates_buffers_in_training`` says that state changes on each
-    training-mode forward and never in eval mode. ``remove`` always materialises the weight once and
+    A reparametrization replaces a layer's parameter ``name`` (its weight) by trainable tensors and,
+    for some, non-trainable state, and computes the weight from them on every use. Subclasses are
+    frozen dataclasses holding the user's options and set these class attributes:
+
+    * ``kind``: its name in case ids, reports and error messages (``"weight_norm"``);
+    * ``tensors``: the framework-neutral names of its trainable tensors, in order (``("g", "v")``);
+    * ``state``: the names of its non-trainable state (``("u", "v")`` for spectral norm; empty for
+      weight norm), which changes on each training-mode use and never in eval mode;
+    * ``suffixes``: how each tensor and state entry is called next to the layer's other parameters,
+      ``name + suffix`` (``weight_g``, ``weight_orig``, ``weight_u``): torch's legacy names, which
+      MindSpore and Flax checkpoints use too;
+    * ``preserves_function``: wrapping leaves the layer's output unchanged (weight norm) or not
+      (spectral norm divides by sigma).
+
+    The registry, :func:`xnorm.wrap`, :func:`xnorm.remove`, the conversion tables, the conformance
+    adapters and the runner read these attributes; nothing outside a reparametrization's own spec,
+    reference and backend functions knows its math. ``remove`` always computes the weight once and
     puts it back under ``name`` as an ordinary trainable parameter.
     """
 
-    trainable_suffixes: Tuple[str, ...] = ()
-    buffer_suffixes: Tuple[str, ...] = ()
-    updates_buffers_in_training: bool = False
+    kind: ClassVar[str] = ""
+    tensors: ClassVar[Tuple[str, ...]] = ()
+    state: ClassVar[Tuple[str, ...]] = ()
+    suffixes: ClassVar[Dict[str, str]] = {}
+    preserves_function: ClassVar[bool] = True
 
-    def trainable_names(self, name: str) -> Tuple[str, ...]:
-        return tuple(name + suffix for suffix in self.trainable_suffixes)
+    def tensor_names(self, name: str) -> Tuple[str, ...]:
+        """The framework names of the trainable tensors for parameter ``name`` (``weight_g``, ``weight_v``)."""
+        return tuple(name + self.suffixes[tensor] for tensor in self.tensors)
+
+    def state_names(self, name: str) -> Tuple[str, ...]:
+        """The framework names of the state entries for parameter ``name`` (``weight_u``, ``weight_v``)."""
+        return tuple(name + self.suffixes[entry] for entry in self.state)
+
+    def resolved_dim(self, ndim: int, layer_kind: str = "generic") -> Optional[int]:
+        """The canonical axis this reparametrization treats specially, for a weight of ``ndim`` axes."""
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """Short text naming the options, used in case ids (``sn1-dim0``); ``dim`` is added by the case."""
+        return self.kind
+
+
+def _check_eps(eps: object, *, allow_none: bool, default: str) -> None:
+    if eps is None and allow_none:
+        return
+    if eps is None or isinstance(eps, bool) or not isinstance(eps, (int, float)) or not float(eps) >= 0.0:
+        raise OptionError(
+            f"eps must be {'None or ' if allow_none else ''}a non-negative float, got {eps!r}. "
+            f"Leave the default ({default}), or pass a small value such as 1e-12."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,17 +289,104 @@ class WeightNorm(Reparametrization):
 
     dim: Optional[int] = 0
     eps: Optional[float] = None
-    trainable_suffixes: Tuple[str, ...] = ("_g", "_v")
+
+    kind: ClassVar[str] = "weight_norm"
+    tensors: ClassVar[Tuple[str, ...]] = ("g", "v")
+    suffixes: ClassVar[Dict[str, str]] = {"g": "_g", "v": "_v"}
 
     def __post_init__(self) -> None:
-        if self.eps is not None and (isinstance(self.eps, bool) or not float(self.eps) >= 0.0):
-            raise OptionError(
-                f"eps must be None or a non-negative float, got {self.eps!r}. "
-                "Leave eps=None for torch's behaviour, or pass a small value such as 1e-12."
-            )
+        _check_eps(self.eps, allow_none=True, default="None, torch's behaviour")
 
-    def resolved_dim(self, ndim: int) -> Optional[int]:
+    def resolved_dim(self, ndim: int, layer_kind: str = "generic") -> Optional[int]:
         return normalize_dim(self.dim, ndim)
+
+    @property
+    def label(self) -> str:
+        return "wn" if self.eps is None else f"wn-eps{self.eps:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralNorm(Reparametrization):
+    """``w = W / sigma(W)``, sigma estimated by power iteration, as torch's
+    ``parametrizations.spectral_norm`` computes it (docs/spec.md, "Spectral normalization").
+
+    * The matrix view: W in the canonical layout, axis ``dim`` moved first, the rest flattened:
+      ``(h, w) = (shape[dim], prod(other axes))``.
+    * State: ``u`` (h) and ``v`` (w), unit vectors in the compute dtype (float32 for float16/bfloat16
+      weights, else the weight's). At wrap: normalized N(0, 1) draws from the framework's RNG, then
+      :data:`SPECTRAL_INIT_ITERATIONS` iterations.
+    * One iteration: ``u = normalize(W v)``, then ``v = normalize(W^T u)``, where
+      ``normalize(x) = x / max(||x||, eps)``; no gradient flows through u or v.
+    * Each training-mode use runs ``n_power_iterations`` iterations first and writes u, v back; eval
+      mode never iterates. ``sigma = u . (W v)``, gradients flow through W in the numerator and in sigma;
+      there is no zero guard (a zero weight gives u = v = 0, sigma = 0 and w = NaN).
+    * A 1-D weight is ``W / max(||W||, eps)`` and has no state.
+
+    ``dim=None`` means 1 for ConvTranspose layers and 0 otherwise (torch's default); other values are
+    read in the canonical layout like weight norm's (negative values count from the end; unlike weight
+    norm, ``-1`` is the last axis and there is no whole-tensor form). ``n_power_iterations`` is an int
+    >= 1, ``eps`` a non-negative float.
+    """
+
+    n_power_iterations: int = 1
+    eps: float = 1e-12
+    dim: Optional[int] = None
+
+    kind: ClassVar[str] = "spectral_norm"
+    tensors: ClassVar[Tuple[str, ...]] = ("original",)
+    state: ClassVar[Tuple[str, ...]] = ("u", "v")
+    suffixes: ClassVar[Dict[str, str]] = {"original": "_orig", "u": "_u", "v": "_v"}
+    preserves_function: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        n = self.n_power_iterations
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise OptionError(
+                f"n_power_iterations must be an int >= 1, got {n!r}: each training-mode use runs that many "
+                "power iterations. Pass 1 (the default) or more."
+            )
+        _check_eps(self.eps, allow_none=False, default="1e-12")
+
+    def resolved_dim(self, ndim: int, layer_kind: str = "generic") -> Optional[int]:
+        """``dim`` as an axis in ``[0, ndim)``; ``None`` resolves per layer kind. A 1-D weight gives 0."""
+        dim = self.dim
+        if dim is None:
+            dim = 1 if layer_kind in LayerKind.CONV_TRANSPOSE and ndim > 1 else 0
+        if isinstance(dim, bool):
+            raise DimError(f"dim must be an int or None, got the bool {dim!r}. Pass dim=0 or dim=None.")
+        try:
+            dim = operator.index(dim)
+        except TypeError:
+            raise DimError(
+                f"dim must be an int or None, got {dim!r} of type {type(dim).__name__}. Pass the output-channel "
+                "axis (0; 1 for ConvTranspose), or None for that default."
+            ) from None
+        if not -ndim <= dim < max(ndim, 1):
+            raise DimError(
+                f"dim={dim} is out of range for a weight with {ndim} axes (valid: {-ndim}..{ndim - 1}, or None)."
+            )
+        return dim % max(ndim, 1)
+
+    @property
+    def label(self) -> str:
+        return f"sn{self.n_power_iterations}" + ("" if self.eps == 1e-12 else f"-eps{self.eps:g}")
+
+
+#: Power iterations spectral norm runs when it is wrapped, from its random unit vectors (torch's value).
+SPECTRAL_INIT_ITERATIONS = 15
+
+#: Every reparametrization by ``kind``: the one table the CLI, the conversion and the conformance read.
+REPARAMETRIZATIONS: Dict[str, type] = {cls.kind: cls for cls in (WeightNorm, SpectralNorm)}
+
+
+def spectral_matrix_shape(shape: Sequence[int], dim: int) -> Tuple[int, int]:
+    """``(h, w)`` of spectral norm's matrix view of a canonical weight of ``shape`` (``dim`` resolved)."""
+    h = shape[dim]
+    w = 1
+    for axis, size in enumerate(shape):
+        if axis != dim:
+            w *= size
+    return h, w
 
 
 #: Where the fused path (``xnorm.wrap(..., fused=True)``) applies the per-slice scale ``s = g / ||v||``.

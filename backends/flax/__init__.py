@@ -170,7 +170,7 @@ def _check_weight(value: Any, what: str) -> None:
 
 
 def _names(spec: WeightNorm, name: str) -> Tuple[str, str]:
-    g_name, v_name = spec.trainable_names(name)
+    g_name, v_name = spec.tensor_names(name)
     return g_name, v_name
 
 
@@ -391,6 +391,10 @@ class FlaxBackend(Backend):
 
     # -- wrap -----------------------------------------------------------------------------------
     def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str] = None, **options: Any) -> Any:
+        if not isinstance(spec, WeightNorm):
+            raise UnsupportedLayerError(
+                f"the flax backend does not implement {type(spec).__name__} yet; it implements WeightNorm."
+            )
         variables = options.pop("variables", _MISSING)
         fused = options.pop("fused", False)
         if options:

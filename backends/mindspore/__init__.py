@@ -405,6 +405,10 @@ class MindSporeBackend(Backend):
             NonFloatingParameterError: the parameter's dtype is not float16/bfloat16/float32/float64.
             DimError: ``dim`` is not None or an int within the canonical rank.
         """
+        if not isinstance(spec, WeightNorm):
+            raise UnsupportedLayerError(
+                f"the mindspore backend does not implement {type(spec).__name__} yet; it implements WeightNorm."
+            )
         fused = options.pop("fused", False)
         if options:
             raise OptionError(

@@ -1,4 +1,7 @@
-"""The torch backend: weight normalization as a ``torch.nn.utils.parametrize`` parametrization.
+"""The torch backend: every xnorm reparametrization as a ``torch.nn.utils.parametrize`` parametrization.
+
+Weight norm is here; spectral norm is :mod:`xnorm._backends.torch.spectral` (same mechanism, torch's
+own keys, bit-equal to ``torch.nn.utils.parametrizations.spectral_norm``).
 
 ``xnorm.wrap(module, dim=0)`` registers :class:`WeightNormParametrization` on ``module.<name>``, in
 place, exactly where ``torch.nn.utils.parametrizations.weight_norm`` would put torch's own:
@@ -38,9 +41,11 @@ from xnorm.errors import (
     OptionError,
     UnsupportedLayerError,
 )
-from xnorm.spec import WeightNorm, check_floating
+from xnorm.spec import LayerKind, Reparametrization, SpectralNorm, WeightNorm, check_floating
 
-__all__ = ["TorchBackend", "WeightNormParametrization"]
+from .spectral import SpectralNormParametrization, legacy_spectral_keys_hook
+
+__all__ = ["TorchBackend", "WeightNormParametrization", "SpectralNormParametrization"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -107,8 +112,23 @@ def _xnorm_parametrizations(module: nn.Module) -> List[str]:
     return [
         name
         for name, stack in module.parametrizations.items()
-        if any(isinstance(p, WeightNormParametrization) for p in stack)
+        if any(isinstance(p, _XNORM_PARAMETRIZATIONS) for p in stack)
     ]
+
+
+_XNORM_PARAMETRIZATIONS = (WeightNormParametrization, SpectralNormParametrization)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The :class:`xnorm.spec.LayerKind` of a torch module (decides spectral norm's default ``dim``)."""
+    for kind_class, kind in (
+        (nn.ConvTranspose1d, "conv_transpose1d"),
+        (nn.ConvTranspose2d, "conv_transpose2d"),
+        (nn.ConvTranspose3d, "conv_transpose3d"),
+    ):
+        if isinstance(module, kind_class):
+            return kind
+    return LayerKind.GENERIC
 
 
 class TorchBackend(registry.Backend):
@@ -128,11 +148,13 @@ class TorchBackend(registry.Backend):
                 f"{type(module).__name__}.{name} is already parametrized (by {what}). Call xnorm.remove(module) "
                 "or torch.nn.utils.parametrize.remove_parametrizations(module, name) first."
             )
-        if name not in module._parameters and f"{name}_g" in module._parameters and f"{name}_v" in module._parameters:
-            raise AlreadyWrappedError(
-                f"{type(module).__name__} already has torch's legacy weight norm on {name!r} ({name}_g, {name}_v). "
-                f"Call torch.nn.utils.remove_weight_norm(module, {name!r}) first."
-            )
+        for legacy, remover in ((f"{name}_g", "remove_weight_norm"), (f"{name}_orig", "remove_spectral_norm")):
+            if name not in module._parameters and legacy in module._parameters:
+                what = "weight norm" if legacy.endswith("_g") else "spectral norm"
+                raise AlreadyWrappedError(
+                    f"{type(module).__name__} already has torch's legacy {what} on {name!r} ({legacy}). "
+                    f"Call torch.nn.utils.{remover}(module, {name!r}) first."
+                )
         weight = module._parameters.get(name)
         if weight is None:
             floating = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
@@ -144,12 +166,19 @@ class TorchBackend(registry.Backend):
         check_floating(dtype_name(weight.dtype), what=f"{type(module).__name__}.{name}")
         return weight
 
-    def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str] = None, **options: Any) -> nn.Module:
+    def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str] = None, **options: Any) -> nn.Module:
         fused = bool(options.pop("fused", False))
         if options:
             raise OptionError(f"the torch backend takes no option(s) {sorted(options)}; remove them.")
         name = "weight" if name is None else name
         weight = self._check(layer, name)
+        if isinstance(spec, SpectralNorm):
+            return self._wrap_spectral(layer, spec, name, weight)
+        if not isinstance(spec, WeightNorm):
+            raise UnsupportedLayerError(
+                f"the torch backend does not implement {type(spec).__name__}; it implements WeightNorm and "
+                "SpectralNorm."
+            )
         spec.resolved_dim(weight.dim())  # raises DimError before anything changes
         torch_dim = -1 if spec.dim is None else int(spec.dim)
         if fused:
@@ -165,6 +194,15 @@ class TorchBackend(registry.Backend):
         parametrization.legacy_hook_id = handle.id
         return layer
 
+    def _wrap_spectral(self, layer: nn.Module, spec: SpectralNorm, name: str, weight: torch.Tensor) -> nn.Module:
+        dim = spec.resolved_dim(weight.dim(), layer_kind(layer))  # raises DimError before anything changes
+        parametrization = SpectralNormParametrization(weight, spec, dim)
+        # unsafe=False, as torch registers its own: one consistency evaluation, which iterates in training mode.
+        parametrize.register_parametrization(layer, name, parametrization)
+        handle = layer.register_load_state_dict_pre_hook(legacy_spectral_keys_hook(name))
+        parametrization.legacy_hook_id = handle.id
+        return layer
+
     def remove(self, obj: Any, *args: Any) -> nn.Module:
         if args:
             raise OptionError("xnorm.remove takes no extra arguments for torch modules; call xnorm.remove(module).")
@@ -174,7 +212,7 @@ class TorchBackend(registry.Backend):
         for module, name in targets:
             if len(module.parametrizations[name]) != 1:
                 raise UnsupportedLayerError(
-                    f"{type(module).__name__}.{name} has other parametrizations stacked on xnorm's weight norm; "
+                    f"{type(module).__name__}.{name} has other parametrizations stacked on xnorm's; "
                     "remove them first with torch.nn.utils.parametrize.remove_parametrizations."
                 )
         for module, name in targets:

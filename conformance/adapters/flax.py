@@ -49,7 +49,7 @@ from flax import nnx, serialization
 
 import xnorm
 from xnorm._backends.flax import linen_weight
-from xnorm.spec import LayerKind, StorageLayout
+from xnorm.spec import LayerKind, Reparametrization, StorageLayout
 
 from ..adapter import Adapter
 from ..cases import LayerCase
@@ -301,8 +301,8 @@ class LinenAdapter(_FlaxAdapter):
             params["bias"] = jnp.asarray(bias, dtype=_DTYPES[dtype])
         return LinenHandle(layer, dtype, linen_layer(layer, dtype), {"params": params})
 
-    def wrap(self, handle: LinenHandle, dim: Optional[int]) -> LinenHandle:
-        module, variables = xnorm.wrap(handle.module, dim=dim, variables=handle.variables)
+    def wrap(self, handle: LinenHandle, spec: Reparametrization) -> LinenHandle:
+        module, variables = xnorm.wrap(handle.module, spec, variables=handle.variables)
         return LinenHandle(handle.layer, handle.dtype, module, variables)
 
     def remove(self, handle: LinenHandle) -> LinenHandle:
@@ -437,8 +437,8 @@ class NNXAdapter(_FlaxAdapter):
             module.bias.set_value(jnp.asarray(bias, dtype=_DTYPES[dtype]))
         return NNXHandle(layer, dtype, module)
 
-    def wrap(self, handle: NNXHandle, dim: Optional[int]) -> NNXHandle:
-        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, dim=dim))
+    def wrap(self, handle: NNXHandle, spec: Reparametrization) -> NNXHandle:
+        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, spec))
 
     def remove(self, handle: NNXHandle) -> NNXHandle:
         return NNXHandle(handle.layer, handle.dtype, xnorm.remove(handle.module))
@@ -505,8 +505,8 @@ class LinenFusedAdapter(LinenAdapter):
 
     name = "flax-linen-fused"
 
-    def wrap(self, handle: LinenHandle, dim: Optional[int]) -> LinenHandle:
-        module, variables = xnorm.wrap(handle.module, dim=dim, variables=handle.variables, fused=True)
+    def wrap(self, handle: LinenHandle, spec: Reparametrization) -> LinenHandle:
+        module, variables = xnorm.wrap(handle.module, spec, variables=handle.variables, fused=True)
         return LinenHandle(handle.layer, handle.dtype, module, variables)
 
 
@@ -515,5 +515,5 @@ class NNXFusedAdapter(NNXAdapter):
 
     name = "flax-nnx-fused"
 
-    def wrap(self, handle: NNXHandle, dim: Optional[int]) -> NNXHandle:
-        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, dim=dim, fused=True))
+    def wrap(self, handle: NNXHandle, spec: Reparametrization) -> NNXHandle:
+        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, spec, fused=True))

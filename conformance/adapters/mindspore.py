@@ -42,7 +42,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 import xnorm
 from xnorm._backends.mindspore import WeightNormCell, _dtype_name, _storage_layout
-from xnorm.spec import LayerKind, StorageLayout
+from xnorm.spec import LayerKind, Reparametrization, StorageLayout
 
 from ..adapter import Adapter
 from ..cases import LayerCase
@@ -313,12 +313,12 @@ class _MindSporeAdapter(Adapter):
     def _reuse(self) -> bool:
         return self.mode == mindspore.GRAPH_MODE
 
-    def wrap(self, handle: nn.Cell, dim: Optional[int]) -> nn.Cell:
-        """``xnorm.wrap(handle, dim=dim)``. In GRAPH_MODE, when xnorm.wrap made a wrapper of this very layer
+    def wrap(self, handle: nn.Cell, spec: Reparametrization) -> nn.Cell:
+        """``xnorm.wrap(handle, spec)``. In GRAPH_MODE, when xnorm.wrap made a wrapper of this very layer
         with the same structure in an earlier case (``dim=-2`` and ``dim=0`` of a Linear, ``dim=-1`` and
         ``dim=None``), that wrapper is returned instead, holding the values the new one was created
         with (g, v and the rest, copied exactly) and with its optimizer back in its initial state."""
-        wrapped = xnorm.wrap(handle, dim=dim, fused=self.fused)
+        wrapped = xnorm.wrap(handle, spec, fused=self.fused)
         self._layouts[wrapped] = self._layouts[handle]
         if not self._reuse or handle not in self._layer_keys:
             return wrapped

@@ -12,10 +12,12 @@ import copy
 
 import numpy as np
 
-from xnorm import reference
+from xnorm import reference, reference_spectral
+from xnorm.spec import WeightNorm, spectral_matrix_shape
 
 from .. import layers
 from ..adapter import Adapter
+from ..cases import CATALOGUE_REPARAMETRIZATIONS
 
 __all__ = ["ReferenceAdapter"]
 
@@ -27,54 +29,109 @@ class ReferenceAdapter(Adapter):
     backend = "numpy"
     dtypes = ("float64",)
     devices = ("cpu", "gpu")
+    reparametrizations = CATALOGUE_REPARAMETRIZATIONS
 
     def supports_device(self, device):
         return device == "cpu"
 
     def build(self, layer, weight, bias, dtype):
-        return {
-            "layer": layer,
-            "weight": np.array(weight, np.float64),
-            "bias": None if bias is None else np.array(bias),
-        }
+        bias = None if bias is None else np.array(bias)
+        return {"layer": layer, "weight": np.array(weight, np.float64), "bias": bias}
 
-    def wrap(self, handle, dim):
-        g, v = reference.init(handle["weight"], dim)
-        return {"layer": handle["layer"], "dim": dim, "g": g, "v": v, "bias": handle["bias"]}
+    def wrap(self, handle, spec):
+        weight, layer = handle["weight"], handle["layer"]
+        out = {"layer": layer, "spec": spec, "bias": handle["bias"], "state": {}}
+        if isinstance(spec, WeightNorm):
+            out["tensors"] = dict(zip(("g", "v"), reference.init(weight, spec.dim), strict=True))
+        else:
+            out["tensors"] = {"original": weight.copy()}
+            dim = spec.resolved_dim(weight.ndim, layer.kind)
+            if weight.ndim > 1:
+                h, w = spectral_matrix_shape(weight.shape, dim)
+                u, v = reference_spectral.init_state(weight, self._rng.standard_normal(h),
+                                                     self._rng.standard_normal(w), dim, spec.eps)
+                out["state"] = {"u": u, "v": v}
+        return out
+
+    def __init__(self):
+        self._rng = np.random.default_rng(0)
+
+    def _dim(self, handle):
+        return handle["spec"].resolved_dim(handle["tensors"].get("original", handle["tensors"].get("v")).ndim,
+                                           handle["layer"].kind)
+
+    def _call(self, handle, training):
+        """(w, new state) of one use; spectral norm iterates in training mode."""
+        spec, tensors, state = handle["spec"], handle["tensors"], handle["state"]
+        if isinstance(spec, WeightNorm):
+            return reference.weight_norm(tensors["g"], tensors["v"], spec.dim), state
+        dim = self._dim(handle)
+        if training and state:
+            w, u, v = reference_spectral.training_call(
+                tensors["original"], state["u"], state["v"], dim, spec.n_power_iterations, spec.eps
+            )
+            return w, {"u": u, "v": v}
+        w = reference_spectral.spectral_norm(tensors["original"], state.get("u"), state.get("v"), dim, spec.eps)
+        return w, state
 
     def remove(self, handle):
-        return {"layer": handle["layer"], "weight": self.weight(handle), "bias": handle["bias"]}
+        w, _ = self._call(handle, training=True)
+        return {"layer": handle["layer"], "weight": w, "bias": handle["bias"]}
 
     def parameters(self, handle):
-        keys = ("g", "v", "bias") if "g" in handle else ("weight", "bias")
-        return {k: handle[k] for k in keys if handle.get(k) is not None}
+        out = dict(handle["tensors"]) if "tensors" in handle else {"weight": handle["weight"]}
+        if handle["bias"] is not None:
+            out["bias"] = handle["bias"]
+        return out
+
+    def state(self, handle):
+        return dict(handle.get("state", {}))
+
+    def set_state(self, handle, state):
+        return {**handle, "state": {k: np.array(v, np.float64) for k, v in state.items()}}
 
     def parameter_names(self, handle):
         return list(self.parameters(handle))
 
     def weight(self, handle):
-        return reference.weight_norm(handle["g"], handle["v"], handle["dim"]) if "g" in handle else handle["weight"]
+        return self._call(handle, training=False)[0] if "tensors" in handle else handle["weight"]
 
     def forward(self, handle, x, *, training=True):
-        return layers.forward(handle["layer"], self.weight(handle), handle["bias"], x)
+        if "tensors" not in handle:
+            return layers.forward(handle["layer"], handle["weight"], handle["bias"], x)
+        w, state = self._call(handle, training)
+        handle["state"] = state  # the state moves in place, as a framework's buffers do
+        return layers.forward(handle["layer"], w, handle["bias"], x)
 
-    def gradients(self, handle, x, grad_output):
-        grad_w, grad_b = layers.backward(handle["layer"], self.weight(handle), x, grad_output)
-        grad_g, grad_v = reference.weight_norm_grads(handle["g"], handle["v"], grad_w, handle["dim"])
-        out = {"g": grad_g, "v": grad_v}
+    def _gradients(self, handle, w, state, x, grad_output):
+        spec, tensors = handle["spec"], handle["tensors"]
+        grad_w, grad_b = layers.backward(handle["layer"], w, x, grad_output)
+        if isinstance(spec, WeightNorm):
+            grad_g, grad_v = reference.weight_norm_grads(tensors["g"], tensors["v"], grad_w, spec.dim)
+            out = {"g": grad_g, "v": grad_v}
+        else:
+            out = {"original": reference_spectral.spectral_norm_grad(
+                tensors["original"], state.get("u"), state.get("v"), grad_w, self._dim(handle), spec.eps)}
         if handle["bias"] is not None:
             out["bias"] = grad_b
         return out
 
+    def gradients(self, handle, x, grad_output):
+        w, handle["state"] = self._call(handle, training=True)
+        return self._gradients(handle, w, handle["state"], x, grad_output)
+
     def sgd_step(self, handle, x, target, lr):
-        y = self.forward(handle, x)
-        grads = self.gradients(handle, x, (y - target) / y.size)
-        new = dict(handle)
+        w, state = self._call(handle, training=True)
+        y = layers.forward(handle["layer"], w, handle["bias"], x)
+        grads = self._gradients(handle, w, state, x, (y - target) / y.size)
+        new = {**handle, "tensors": dict(handle["tensors"]), "state": state}
         for key, grad in grads.items():
-            new[key] = handle[key] - lr * grad
+            if key == "bias":
+                new["bias"] = handle["bias"] - lr * grad
+            else:
+                new["tensors"][key] = handle["tensors"][key] - lr * grad
         return new
 
     def state_roundtrip(self, handle, fresh):
-        loaded = dict(fresh)
-        loaded.update(copy.deepcopy(self.parameters(handle)))
-        return loaded
+        return {**fresh, "tensors": copy.deepcopy(handle["tensors"]), "bias": copy.deepcopy(handle["bias"]),
+                "state": copy.deepcopy(handle["state"])}

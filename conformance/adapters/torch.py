@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import xnorm
-from xnorm.spec import LayerKind
+from xnorm._backends.torch import SpectralNormParametrization
+from xnorm.spec import LayerKind, Reparametrization
 
 from ..adapter import Adapter
 from ..cases import LayerCase
@@ -55,6 +56,7 @@ class TorchAdapter(Adapter):
         "table's float16 row for the plain layer; that row needs measuring first (docs/torch.md)"
     }
     devices = ("cpu", "gpu")
+    reparametrizations = ("weight_norm", "spectral_norm")
 
     def __init__(self) -> None:
         self._device = "cpu"
@@ -81,28 +83,50 @@ class TorchAdapter(Adapter):
                 module.bias.copy_(self._tensor(bias, _DTYPES[dtype]))
         return module
 
-    def wrap(self, handle: nn.Module, dim: Optional[int]) -> nn.Module:
-        return xnorm.wrap(handle, dim=dim)
+    def wrap(self, handle: nn.Module, spec: Reparametrization) -> nn.Module:
+        return xnorm.wrap(handle, spec)
 
     def remove(self, handle: nn.Module) -> nn.Module:
         return xnorm.remove(handle)
 
     def parameters(self, handle: nn.Module) -> Dict[str, np.ndarray]:
         if xnorm.is_wrapped(handle):
-            originals = handle.parametrizations.weight
-            out = {"g": _to_numpy(originals.original0), "v": _to_numpy(originals.original1)}
+            out = {key: _to_numpy(t) for key, t in self._wrapped_tensors(handle).items()}
         else:
             out = {"weight": _to_numpy(handle.weight)}
-        if getattr(handle, "bias", None) is not None:
-            out["bias"] = _to_numpy(handle.bias)
+            if getattr(handle, "bias", None) is not None:
+                out["bias"] = _to_numpy(handle.bias)
         return out
+
+    def _spectral(self, handle: nn.Module) -> Optional[SpectralNormParametrization]:
+        found = handle.parametrizations.weight[0]
+        return found if isinstance(found, SpectralNormParametrization) else None
+
+    def state(self, handle: nn.Module) -> Dict[str, np.ndarray]:
+        spectral = self._spectral(handle)
+        if spectral is None or not hasattr(spectral, "_u"):
+            return {}
+        return {"u": _to_numpy(spectral._u), "v": _to_numpy(spectral._v)}
+
+    def set_state(self, handle: nn.Module, state: Dict[str, np.ndarray]) -> nn.Module:
+        spectral = self._spectral(handle)
+        with torch.no_grad():
+            for key, value in state.items():
+                buffer = getattr(spectral, f"_{key}")
+                buffer.copy_(self._tensor(value, buffer.dtype))
+        return handle
 
     def parameter_names(self, handle: nn.Module) -> List[str]:
         return [name for name, _ in handle.named_parameters()]
 
     def weight(self, handle: nn.Module) -> np.ndarray:
-        with torch.no_grad():
-            return _to_numpy(handle.weight)
+        # eval mode: a training-mode access to a spectral-normed weight would iterate
+        handle.eval()
+        try:
+            with torch.no_grad():
+                return _to_numpy(handle.weight)
+        finally:
+            handle.train()
 
     def _input(self, handle: nn.Module, x: np.ndarray) -> torch.Tensor:
         if isinstance(handle, nn.Embedding):
@@ -121,7 +145,11 @@ class TorchAdapter(Adapter):
             handle.train()
 
     def _wrapped_tensors(self, handle: nn.Module) -> Dict[str, torch.Tensor]:
-        tensors = {"g": handle.parametrizations.weight.original0, "v": handle.parametrizations.weight.original1}
+        originals = handle.parametrizations.weight
+        if self._spectral(handle) is not None:
+            tensors = {"original": originals.original}
+        else:
+            tensors = {"g": originals.original0, "v": originals.original1}
         if getattr(handle, "bias", None) is not None:
             tensors["bias"] = handle.bias
         return tensors
@@ -157,6 +185,8 @@ class TorchFusedAdapter(TorchAdapter):
     """The torch adapter with ``xnorm.wrap(..., fused=True)``: same catalogue, same tolerances."""
 
     name = "torch-fused"
+    reparametrizations = ("weight_norm",)
+    reparametrization_reasons = {"spectral_norm": "fused=True is a weight-norm path; spectral norm has none"}
 
-    def wrap(self, handle: nn.Module, dim: Optional[int]) -> nn.Module:
-        return xnorm.wrap(handle, dim=dim, fused=True)
+    def wrap(self, handle: nn.Module, spec: Reparametrization) -> nn.Module:
+        return xnorm.wrap(handle, spec, fused=True)

@@ -81,7 +81,7 @@ def test_non_floating_dtypes_are_rejected(dtype):
 def test_weight_norm_spec_rejects_negative_eps():
     with pytest.raises(xnorm.OptionError, match="eps"):
         xnorm.WeightNorm(dim=0, eps=-1.0)
-    assert xnorm.WeightNorm(dim=0).trainable_names("embedding_table") == ("embedding_table_g", "embedding_table_v")
+    assert xnorm.WeightNorm(dim=0).tensor_names("embedding_table") == ("embedding_table_g", "embedding_table_v")
 
 
 def test_axis_names_follow_the_canonical_layouts():

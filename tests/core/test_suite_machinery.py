@@ -21,11 +21,11 @@ class IgnoresG(NumpyAdapter):
 
     name = "numpy-ignores-g"
 
-    def weight(self, handle):
-        return handle["v"] if "g" in handle else handle["weight"]
+    def _call(self, handle, training):
+        return handle["tensors"]["v"], handle["state"]
 
-    def gradients(self, handle, x, grad_output):
-        grads = super().gradients(handle, x, grad_output)
+    def _gradients(self, handle, w, state, x, grad_output):
+        grads = super()._gradients(handle, w, state, x, grad_output)
         grads["g"] = np.zeros_like(grads["g"])
         return grads
 
