@@ -118,7 +118,7 @@ def spectral_norm(
     return wrap(layer, spec, backend, name=name, **options)
 
 
-def remove(obj: Any, *args: Any, backend: Optional[str] = None) -> Any:
+def remove(obj: Any, *args: Any, backend: Optional[str] = None, **options: Any) -> Any:
     """Undo :func:`wrap`, whatever the reparametrization: materialise ``w`` once and make the layer plain again.
 
     Spectral norm in training mode first runs the iterations a training-mode use would (torch's
@@ -127,13 +127,13 @@ def remove(obj: Any, *args: Any, backend: Optional[str] = None) -> Any:
 
     Given a wrapped layer, returns the plain layer whose parameter (under its original name) holds
     ``w``; given a model containing wrapped layers, replaces every one of them in place and returns the
-    model. Extra positional arguments are backend-specific (Flax linen takes the variables and
-    returns ``(module, variables)``).
+    model. Extra arguments are backend-specific (Flax linen takes the variables and returns
+    ``(module, variables)``; a backend rejects keywords it does not know with OptionError).
 
     Raises:
         NotWrappedError: ``obj`` is not wrapped and contains no wrapped layer (nothing is changed).
     """
-    return registry.resolve_backend(obj, backend).remove(obj, *args)
+    return registry.resolve_backend(obj, backend).remove(obj, *args, **options)
 
 
 def is_wrapped(obj: Any) -> bool:

@@ -203,8 +203,8 @@ class TorchBackend(registry.Backend):
         parametrization.legacy_hook_id = handle.id
         return layer
 
-    def remove(self, obj: Any, *args: Any) -> nn.Module:
-        if args:
+    def remove(self, obj: Any, *args: Any, **options: Any) -> nn.Module:
+        if args or options:
             raise OptionError("xnorm.remove takes no extra arguments for torch modules; call xnorm.remove(module).")
         targets = [(module, name) for module in obj.modules() for name in _xnorm_parametrizations(module)]
         if not targets:
