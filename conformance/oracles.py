@@ -102,9 +102,21 @@ class SpectralNormOracle(Oracle):
         return out
 
     def start_state(self, data, tensors):
+        """The case's own state: its normalized draws after a single iteration. Far from converged, so one
+        iteration more or less (or in the wrong mode) changes every later value; yet ``sigma = ||M^T u||``
+        is well away from 0, where the division would amplify rounding (random unit vectors can give any
+        sigma, 0 included)."""
         if np.ndim(tensors["original"]) == 1:
             return {}
-        u, v = reference_spectral.init_state(tensors["original"], data["u0"], data["v0"], self.dim, self.spec.eps)
+        eps = self.spec.eps
+        u, v = reference_spectral.power_iteration(
+            tensors["original"],
+            reference_spectral.normalize(data["u0"], eps),
+            reference_spectral.normalize(data["v0"], eps),
+            self.dim,
+            1,
+            eps,
+        )
         return self.round_state({"u": u, "v": v})
 
     def weight(self, tensors, state):

@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from xnorm import reference
+from xnorm import reference, reference_spectral
+from xnorm.spec import SpectralNorm
 
 RNG = np.random.default_rng(1234)
 SHAPES_AND_DIMS = [
@@ -117,3 +118,77 @@ def test_low_precision_follows_float64_within_its_precision(dtype, rtol):
 def test_integer_input_is_rejected_for_dtype_mode():
     with pytest.raises(TypeError, match="floating"):
         reference.round_to_dtype(np.arange(3), "int32")
+
+
+# -- spectral norm --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "dim"), [((4, 6), 0), ((4, 6), 1), ((6, 2, 3), 0), ((3, 4, 2, 2), 1), ((7,), 0)])
+def test_spectral_gradient_matches_finite_differences(shape, dim):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal(shape)
+    grad_w = rng.standard_normal(shape)
+    if len(shape) > 1:
+        h, w = reference_spectral.matrix_view(weight, dim).shape
+        u, v = reference_spectral.init_state(weight, rng.standard_normal(h), rng.standard_normal(w), dim, 1e-12)
+    else:
+        u = v = None
+
+    def loss(W):  # u and v are constants: the spec detaches them
+        return np.sum(reference_spectral.spectral_norm(W, u, v, dim, 1e-12) * grad_w)
+
+    numeric = np.zeros(shape)
+    step = 1e-6
+    for index in np.ndindex(shape):
+        bump = np.zeros(shape)
+        bump[index] = step
+        numeric[index] = (loss(weight + bump) - loss(weight - bump)) / (2 * step)
+    analytic = reference_spectral.spectral_norm_grad(weight, u, v, grad_w, dim, 1e-12)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_spectral_matrix_view_round_trips_and_puts_dim_first():
+    weight = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    matrix = reference_spectral.matrix_view(weight, 1)
+    assert matrix.shape == (3, 8)
+    np.testing.assert_array_equal(matrix[1], weight[:, 1, :].ravel())
+    np.testing.assert_array_equal(reference_spectral.from_matrix_view(matrix, weight.shape, 1), weight)
+
+
+def test_power_iteration_converges_to_the_top_singular_pair():
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((5, 8))
+    u, v = reference_spectral.power_iteration(weight, rng.standard_normal(5), rng.standard_normal(8), 0, 300, 1e-12)
+    left, singular, right = np.linalg.svd(weight)
+    np.testing.assert_allclose(reference_spectral.sigma(weight, u, v, 0), singular[0], rtol=1e-12)
+    np.testing.assert_allclose(abs(u @ left[:, 0]), 1.0, rtol=1e-10)
+    np.testing.assert_allclose(abs(v @ right[0]), 1.0, rtol=1e-10)
+
+
+def test_a_zero_weight_gives_zero_state_and_nan_weight():
+    weight = np.zeros((3, 4))
+    w, u, v = reference_spectral.training_call(weight, np.ones(3) / 3**0.5, np.ones(4) / 2, 0, 1, 1e-12)
+    assert not u.any() and not v.any() and np.isnan(w).all()
+
+
+def test_spectral_training_call_iterates_n_times_and_eval_not_at_all():
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((4, 3))
+    u0, v0 = rng.standard_normal(4), rng.standard_normal(3)
+    _, u3, v3 = reference_spectral.training_call(weight, u0, v0, 0, 3, 1e-12)
+    u, v = u0, v0
+    for _ in range(3):
+        u = reference_spectral.normalize(weight @ v, 1e-12)
+        v = reference_spectral.normalize(weight.T @ u, 1e-12)
+    np.testing.assert_array_equal(u3, u)
+    np.testing.assert_array_equal(v3, v)
+    eval_w = reference_spectral.spectral_norm(weight, u0, v0, 0, 1e-12)
+    np.testing.assert_allclose(eval_w, weight / (u0 @ weight @ v0), rtol=1e-15)
+
+
+def test_spectral_spec_defaults_follow_torch():
+    assert SpectralNorm().resolved_dim(3, "conv_transpose1d") == 1
+    assert SpectralNorm().resolved_dim(3, "conv1d") == 0
+    assert SpectralNorm(dim=-1).resolved_dim(4, "conv2d") == 3  # unlike weight norm, -1 is the last axis
+    assert SpectralNorm().tensor_names("kernel") == ("kernel_orig",)
+    assert SpectralNorm().state_names("weight") == ("weight_u", "weight_v")

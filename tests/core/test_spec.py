@@ -101,3 +101,27 @@ def test_fused_scale_side_table():
     assert fused_scale_side("embedding", 0) == FUSED_ROWS and fused_scale_side("embedding", 1) == FUSED_OUTPUT
     assert fused_scale_side("conv3d", None) == FUSED_OUTPUT
     assert fused_scale_side("generic", None) is None and fused_scale_side("generic", 0) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"n_power_iterations": 0}, "n_power_iterations must be an int >= 1"),
+        ({"n_power_iterations": -2}, "n_power_iterations must be an int >= 1"),
+        ({"n_power_iterations": True}, "n_power_iterations must be an int >= 1"),
+        ({"eps": -1e-3}, "eps must be a non-negative float"),
+        ({"eps": None}, "eps must be a non-negative float"),
+    ],
+)
+def test_spectral_norm_options_are_checked_when_the_spec_is_made(options, match):
+    with pytest.raises(xnorm.OptionError, match=match):
+        xnorm.SpectralNorm(**options)
+
+
+def test_wrap_refuses_a_spec_that_is_not_one_and_options_beside_a_spec_without_a_framework():
+    with pytest.raises(xnorm.OptionError, match="spec must be a reparametrization"):
+        xnorm.wrap(object(), {"dim": 0})
+    with pytest.raises(xnorm.OptionError, match="inside the spec"):
+        xnorm.wrap(object(), xnorm.WeightNorm(), eps=1e-3)
+    with pytest.raises(xnorm.OptionError, match="weight norm only"):
+        xnorm.wrap(object(), xnorm.SpectralNorm(), fused=True)

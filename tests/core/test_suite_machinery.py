@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from xnorm import reference_spectral
 from xnorm.conformance.adapters.reference import ReferenceAdapter as NumpyAdapter
 from xnorm.conformance.cases import CATALOGUE_DTYPES, LAYERS, Case, catalogue
 from xnorm.conformance.report import cross_report, full_report
@@ -279,3 +280,63 @@ def test_cross_report_agrees_for_equal_backends_and_catches_a_drifting_one(tmp_p
     assert not ok and "## numpy-twin" in report and "err/allowed" in report
     assert "**Verdict: FAILED**: numpy-reference vs numpy-twin: 1 array(s) disagree" in report
     assert "Pairs of adapters that agree on every case both passed: 0 of 1." in report
+
+
+SPECTRAL_CASES = [case for case in catalogue(("float64",), reparametrizations=("spectral_norm",))
+                  if case.layer.label in ("linear", "conv_transpose1d")]
+
+
+@pytest.mark.parametrize("case", SPECTRAL_CASES, ids=lambda c: c.id)
+def test_a_correct_spectral_norm_backend_passes_and_has_no_preserves_check(case):
+    result = run_case(NumpyAdapter(), case)
+    assert result.status == "passed", result.failures()
+    assert "preserves" not in result.checks and {"forward", "eval", "training", "remove"} <= set(result.checks)
+
+
+class IteratesInEvalMode(NumpyAdapter):
+    """Flax linen's own SpectralNorm: eval-mode calls still run the power iteration."""
+
+    name = "numpy-iterates-in-eval"
+
+    def _call(self, handle, training):
+        return super()._call(handle, training=True)
+
+
+class NeverIterates(NumpyAdapter):
+    """u and v frozen after wrapping: sigma never follows the trained weight."""
+
+    name = "numpy-never-iterates"
+
+    def _call(self, handle, training):
+        return super()._call(handle, training=False)
+
+
+class DetachesSigma(NumpyAdapter):
+    """No gradient through sigma: dL/dW = G / sigma only."""
+
+    name = "numpy-detaches-sigma"
+
+    def _gradients(self, handle, w, state, x, grad_output):
+        grads = super()._gradients(handle, w, state, x, grad_output)
+        if "original" in grads:
+            from xnorm.conformance import layers
+
+            grad_w, _ = layers.backward(handle["layer"], w, x, grad_output)
+            sigma = reference_spectral.sigma(handle["tensors"]["original"], state["u"], state["v"], self._dim(handle))
+            grads["original"] = grad_w / sigma
+        return grads
+
+
+@pytest.mark.parametrize(
+    ("adapter", "failing"),
+    [
+        # its eval-mode calls move the state, so every check after the first of them sees other values
+        (IteratesInEvalMode(), {"weight", "eval", "gradient", "state", "remove"}),
+        (NeverIterates(), {"forward", "gradient", "training", "remove"}),
+        (DetachesSigma(), {"gradient", "training"}),
+    ],
+)
+def test_broken_spectral_norm_backends_fail_the_checks_that_concern_them(adapter, failing):
+    result = run_case(adapter, SPECTRAL_CASES[0])
+    assert result.status == "failed"
+    assert {name for name, check in result.checks.items() if check.state == "failed"} == failing
