@@ -10,9 +10,11 @@ bad checkpoint raises one :class:`~xnorm.errors.ConversionError` listing every m
 mis-shaped key, and nothing is modified.
 
 torch is the hub: ``to`` is "mindspore" or "flax" with a torch source, or "torch" with a MindSpore or
-Flax source. torch's two weight-norm key styles are read alike: ``<layer>.weight_g``/``weight_v``
-(``torch.nn.utils.weight_norm``) and ``<layer>.parametrizations.weight.original0``/``original1``
-(``torch.nn.utils.parametrizations.weight_norm`` and xnorm).
+Flax source. torch's two key styles of every reparametrization are read alike: the legacy
+``<layer>.weight_g``/``weight_v`` (``torch.nn.utils.weight_norm``) and ``weight_orig``/``weight_u``/
+``weight_v`` (``torch.nn.utils.spectral_norm``), and the parametrization keys
+``<layer>.parametrizations.weight.original0``/``original1`` and ``.original``/``.0._u``/``.0._v``
+(``torch.nn.utils.parametrizations`` and xnorm).
 
 What each framework contributes lives in ``xnorm._backends.<framework>.convert`` and is imported only
 when that framework is used: reading a source, describing a model, building the result, saving a file,
@@ -51,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import CheckpointFileError, ConversionError, OptionError
-from .spec import LayerKind, StorageLayout
+from .spec import REPARAMETRIZATIONS, LayerKind, SpectralNorm, StorageLayout, WeightNorm
 
 __all__ = ["convert", "compare", "Comparison", "OutputDifference", "LayerInfo", "TensorSpec", "ArrayRef"]
 
@@ -84,25 +86,43 @@ NAMES: Dict[str, Dict[str, Dict[str, str]]] = {
 #: torch state_dict entries with no counterpart elsewhere: skipped when reading torch, zero-filled when writing it.
 TORCH_ONLY = ("num_batches_tracked",)
 
-#: Weight-norm suffixes: g and v take the weight's name plus these, in every framework.
-WEIGHT_NORM_SUFFIXES = ("_g", "_v")
+#: Every reparametrization's tensor and state suffixes (``_g``, ``_v``, ``_orig``, ``_u``): its tensors take
+#: the wrapped parameter's name plus these, in every framework (:attr:`xnorm.spec.Reparametrization.suffixes`).
+REPARAMETRIZATION_SUFFIXES = tuple(
+    dict.fromkeys(suffix for spec in REPARAMETRIZATIONS.values() for suffix in spec.suffixes.values())
+)
 
-_TORCH_PARAMETRIZATION = re.compile(r"^(?P<prefix>.*?)parametrizations\.(?P<name>[^.]+)\.original(?P<index>[01])$")
+#: torch's parametrization key tails (after ``parametrizations.<name>.``) and the legacy suffix each stands for:
+#: weight norm's ``original0``/``original1`` (g, v), spectral norm's ``original`` and its buffers ``0._u``/``0._v``.
+_TORCH_PARAMETRIZATION_TAILS = {
+    "original0": WeightNorm.suffixes["g"],
+    "original1": WeightNorm.suffixes["v"],
+    "original": SpectralNorm.suffixes["original"],
+    "0._u": SpectralNorm.suffixes["u"],
+    "0._v": SpectralNorm.suffixes["v"],
+}
+_TORCH_PARAMETRIZATION = re.compile(
+    r"^(?P<prefix>.*?)parametrizations\.(?P<name>[^.]+)\.(?P<tail>"
+    + "|".join(re.escape(tail) for tail in _TORCH_PARAMETRIZATION_TAILS)
+    + ")$"
+)
 
 
 def canonical_torch_key(key: str) -> str:
     """torch's parametrization key style mapped to the legacy one: ``a.parametrizations.weight.original0`` ->
-    ``a.weight_g`` (``original1`` -> ``a.weight_v``); every other key is returned unchanged."""
+    ``a.weight_g`` (``original1`` -> ``a.weight_v``; spectral norm's ``original`` -> ``a.weight_orig``,
+    ``0._u`` -> ``a.weight_u``, ``0._v`` -> ``a.weight_v``); every other key is returned unchanged."""
     match = _TORCH_PARAMETRIZATION.match(key)
     if match is None:
         return key
-    return f"{match['prefix']}{match['name']}{WEIGHT_NORM_SUFFIXES[int(match['index'])]}"
+    return f"{match['prefix']}{match['name']}{_TORCH_PARAMETRIZATION_TAILS[match['tail']]}"
 
 
 def layout(framework: str, kind: str, torch_name: str, canonical_ndim: int) -> StorageLayout:
-    """How ``framework`` stores torch parameter ``torch_name`` (g, v or plain) of a layer of ``kind``."""
-    base = _strip_weight_norm(torch_name)[0]
-    if base != "weight" or canonical_ndim == 0:
+    """How ``framework`` stores torch parameter ``torch_name`` (plain, or a reparametrization's tensor) of a
+    layer of ``kind``. Vectors (spectral norm's u and v, a 1-D weight) and scalars are stored as they are."""
+    base = _strip_reparametrization(torch_name)[0]
+    if base != "weight" or canonical_ndim <= 1:
         return StorageLayout.identity(canonical_ndim)
     spatial = LayerKind.spatial_dims(kind)
     # MindSpore keeps 1-d convolutions as 2-d ones: (a, b, k) is stored (a, b, 1, k), whatever ndim says.
@@ -116,8 +136,8 @@ def layout(framework: str, kind: str, torch_name: str, canonical_ndim: int) -> S
     return StorageLayout.identity(canonical_ndim)
 
 
-def _strip_weight_norm(name: str) -> Tuple[str, str]:
-    for suffix in WEIGHT_NORM_SUFFIXES:
+def _strip_reparametrization(name: str) -> Tuple[str, str]:
+    for suffix in REPARAMETRIZATION_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)], suffix
     return name, ""
@@ -125,7 +145,7 @@ def _strip_weight_norm(name: str) -> Tuple[str, str]:
 
 def torch_name_of(framework: str, kind: str, framework_name: str) -> Optional[str]:
     """The torch name of ``framework``'s parameter ``framework_name`` in a layer of ``kind`` (None: unknown)."""
-    base, suffix = _strip_weight_norm(framework_name)
+    base, suffix = _strip_reparametrization(framework_name)
     table = NAMES[framework].get(kind)
     if table is None:
         return framework_name  # a generic layer keeps its names
@@ -144,7 +164,7 @@ def framework_name_of(framework: str, kind: str, torch_name: str) -> Optional[st
         return torch_name
     if torch_name in table:
         return table[torch_name]
-    base, suffix = _strip_weight_norm(torch_name)
+    base, suffix = _strip_reparametrization(torch_name)
     return table[base] + suffix if base in table and suffix else None
 
 
@@ -477,10 +497,12 @@ def _conversion_message(missing, unexpected, mismatched, source_name: str) -> st
             if len(items) > 50:
                 parts.append(f"  ... and {len(items) - 50} more")
     hints = []
-    if any(k.endswith(("_g", "_v")) or "_g " in k or "_v " in k for k in missing + unexpected):
+    suffixes = REPARAMETRIZATION_SUFFIXES
+    if any(k.split(" ")[0].endswith(suffixes) for k in missing + unexpected):
         hints.append(
-            "weight-norm keys on one side only: wrap the target's layers with xnorm.wrap (or remove weight "
-            "norm from the source model) so both have g and v, or both a plain weight"
+            "reparametrization keys (" + ", ".join(suffixes) + ") on one side only: wrap the target's layers "
+            "as the source's are (xnorm.weight_norm, xnorm.spectral_norm), or remove the reparametrization "
+            "from the source model, so both hold the same tensors"
         )
     if missing and unexpected:
         hints.append(
@@ -599,8 +621,9 @@ def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = F
         by_canonical[canonical] = ref
     if clashes:
         raise ConversionError(
-            "the checkpoint holds some weight-norm tensors under both torch key styles (weight_g/weight_v and "
-            "parametrizations.weight.original0/1); nothing was converted or modified:\n  " + "\n  ".join(clashes)
+            "the checkpoint holds some reparametrization tensors under both torch key styles (weight_g/weight_v "
+            "or weight_orig/weight_u/weight_v, and parametrizations.weight.*); nothing was converted or modified:"
+            "\n  " + "\n  ".join(clashes)
             + "\nfix: keep one key of each pair.",
             mismatched=clashes,
         )

@@ -32,7 +32,11 @@ def _run(steps):
         ("ups.0.parametrizations.embedding.original1", "ups.0.embedding_v"),
         ("ups.0.weight_g", "ups.0.weight_g"),
         ("bn.running_mean", "bn.running_mean"),
-        ("x.parametrizations.weight.original", "x.parametrizations.weight.original"),  # not weight norm: untouched
+        ("x.parametrizations.weight.original", "x.weight_orig"),  # spectral norm
+        ("x.parametrizations.weight.0._u", "x.weight_u"),
+        ("parametrizations.weight.0._v", "weight_v"),
+        ("x.parametrizations.weight.1._u", "x.parametrizations.weight.1._u"),  # a stacked one: not ours, untouched
+        ("x.parametrizations.weight.original2", "x.parametrizations.weight.original2"),
     ],
 )
 def test_torch_parametrization_keys_map_to_legacy_names(key, expected):
@@ -142,7 +146,7 @@ def test_weight_norm_on_one_side_only_gets_the_wrap_hint():
         )
     ]
     source = {"fc.weight": _ref("fc.weight", np.ones((5, 3), np.float32))}
-    with pytest.raises(ConversionError, match="xnorm.wrap"):
+    with pytest.raises(ConversionError, match="xnorm.weight_norm"):
         plan(source, targets, source_name="src")
 
 
