@@ -22,6 +22,9 @@ ADAPTERS: Dict[str, str] = {
     "flax-nnx": "xnorm.conformance.adapters.flax:NNXAdapter",
     # xnorm.wrap(..., fused=True): the same catalogue, the same tolerances
     "torch-fused": "xnorm.conformance.adapters.torch:TorchFusedAdapter",
+    # torch's own implementations (not xnorm), to show where each departs from the spec
+    "torch-parametrizations": "xnorm.conformance.adapters.torch:TorchParametrizationsAdapter",
+    "torch-legacy": "xnorm.conformance.adapters.torch:TorchLegacyAdapter",
     "mindspore-graph-fused": "xnorm.conformance.adapters.mindspore:MindSporeGraphFusedAdapter",
     "flax-linen-fused": "xnorm.conformance.adapters.flax:LinenFusedAdapter",
     "flax-nnx-fused": "xnorm.conformance.adapters.flax:NNXFusedAdapter",
@@ -29,7 +32,7 @@ ADAPTERS: Dict[str, str] = {
 
 #: backend name (as in xnorm.backends()) -> its adapters
 BACKEND_ADAPTERS: Dict[str, Tuple[str, ...]] = {
-    "torch": ("torch", "torch-fused"),
+    "torch": ("torch", "torch-fused", "torch-parametrizations", "torch-legacy"),
     "mindspore": ("mindspore-graph", "mindspore-pynative", "mindspore-graph-fused"),
     "flax": ("flax-linen", "flax-nnx", "flax-linen-fused", "flax-nnx-fused"),
 }

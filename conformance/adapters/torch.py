@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 import xnorm
 from xnorm._backends.torch import SpectralNormParametrization
@@ -89,8 +90,11 @@ class TorchAdapter(Adapter):
     def remove(self, handle: nn.Module) -> nn.Module:
         return xnorm.remove(handle)
 
+    def _is_wrapped(self, handle: nn.Module) -> bool:
+        return xnorm.is_wrapped(handle)
+
     def parameters(self, handle: nn.Module) -> Dict[str, np.ndarray]:
-        if xnorm.is_wrapped(handle):
+        if self._is_wrapped(handle):
             out = {key: _to_numpy(t) for key, t in self._wrapped_tensors(handle).items()}
         else:
             out = {"weight": _to_numpy(handle.weight)}
@@ -190,3 +194,92 @@ class TorchFusedAdapter(TorchAdapter):
 
     def wrap(self, handle: nn.Module, spec: Reparametrization) -> nn.Module:
         return xnorm.wrap(handle, spec, fused=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch's own implementations, through the same suite: where they depart from the spec
+# ----------------------------------------------------------------------------------------------
+class TorchParametrizationsAdapter(TorchAdapter):
+    """torch's own ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` (not xnorm).
+
+    The report shows, case by case, where they depart from xnorm's spec (expected failures with the
+    reasons in ``expected_failures/torch-parametrizations.toml``)."""
+
+    name = "torch-parametrizations"
+
+    def wrap(self, handle: nn.Module, spec: Reparametrization) -> nn.Module:
+        if isinstance(spec, xnorm.SpectralNorm):
+            return parametrizations.spectral_norm(handle, n_power_iterations=spec.n_power_iterations,
+                                                  eps=spec.eps, dim=spec.dim)
+        if spec.eps is not None:
+            raise NotImplementedError("torch's weight_norm has no eps")
+        return parametrizations.weight_norm(handle, dim=spec.dim)
+
+    def remove(self, handle: nn.Module) -> nn.Module:
+        return parametrize.remove_parametrizations(handle, "weight")
+
+    def _is_wrapped(self, handle: nn.Module) -> bool:
+        return parametrize.is_parametrized(handle, "weight")
+
+    def _spectral(self, handle: nn.Module):
+        found = handle.parametrizations.weight[0]
+        return found if type(found).__name__ == "_SpectralNorm" else None
+
+
+class TorchLegacyAdapter(TorchAdapter):
+    """torch's legacy hooks ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (not xnorm): tensors
+    ``weight_g``/``weight_v``, ``weight_orig`` with buffers ``weight_u``/``weight_v``, and ``weight`` a plain
+    attribute recomputed by a forward pre-hook. Departures: ``expected_failures/torch-legacy.toml``."""
+
+    name = "torch-legacy"
+
+    def wrap(self, handle: nn.Module, spec: Reparametrization) -> nn.Module:
+        if isinstance(spec, xnorm.SpectralNorm):
+            return nn.utils.spectral_norm(handle, n_power_iterations=spec.n_power_iterations, eps=spec.eps,
+                                          dim=spec.dim)
+        if spec.eps is not None:
+            raise NotImplementedError("torch's weight_norm has no eps")
+        return nn.utils.weight_norm(handle, dim=spec.dim)
+
+    def _hook(self, handle: nn.Module):
+        return next((h for h in handle._forward_pre_hooks.values()
+                     if type(h).__name__ in ("WeightNorm", "SpectralNorm")), None)
+
+    def remove(self, handle: nn.Module) -> nn.Module:
+        if type(self._hook(handle)).__name__ == "SpectralNorm":
+            return nn.utils.remove_spectral_norm(handle)
+        return nn.utils.remove_weight_norm(handle)
+
+    def _is_wrapped(self, handle: nn.Module) -> bool:
+        return self._hook(handle) is not None
+
+    def _spectral(self, handle: nn.Module):
+        hook = self._hook(handle)
+        return hook if type(hook).__name__ == "SpectralNorm" else None
+
+    def _wrapped_tensors(self, handle: nn.Module) -> Dict[str, torch.Tensor]:
+        tensors = {"original": handle.weight_orig} if self._spectral(handle) else {"g": handle.weight_g,
+                                                                                   "v": handle.weight_v}
+        if getattr(handle, "bias", None) is not None:
+            tensors["bias"] = handle.bias
+        return tensors
+
+    def state(self, handle: nn.Module) -> Dict[str, np.ndarray]:
+        if self._spectral(handle) is None:
+            return {}
+        return {"u": _to_numpy(handle.weight_u), "v": _to_numpy(handle.weight_v)}
+
+    def set_state(self, handle: nn.Module, state: Dict[str, np.ndarray]) -> nn.Module:
+        with torch.no_grad():
+            for key, value in state.items():
+                buffer = getattr(handle, f"weight_{key}")
+                buffer.copy_(self._tensor(value, buffer.dtype))
+        return handle
+
+    def weight(self, handle: nn.Module) -> np.ndarray:
+        # ``handle.weight`` is whatever the last forward left; compute it as an eval-mode forward would
+        hook = self._hook(handle)
+        with torch.no_grad():
+            if type(hook).__name__ == "SpectralNorm":
+                return _to_numpy(hook.compute_weight(handle, do_power_iteration=False))
+            return _to_numpy(hook.compute_weight(handle))
