@@ -826,9 +826,11 @@ def save(result: Any, path: Union[str, os.PathLike], *, to: str) -> None:
 
 @dataclasses.dataclass
 class OutputDifference:
-    """How one output of the ported model differs from the reference's."""
+    """How one output array of the ported model differs from the reference's. ``path`` locates it in a
+    nested output (:func:`output_leaves`); ``index`` is its position among all output arrays."""
 
     index: int
+    path: str
     shape: Tuple[int, ...]
     max_abs: float
     max_rel: float
@@ -850,10 +852,13 @@ class Comparison:
         return all(o.error_over_allowed <= 1.0 for o in self.outputs)
 
     def __str__(self) -> str:
-        lines = [f"{'output':>6} {'shape':>20} {'max abs':>11} {'max rel':>11} {'err/allowed':>11}  worst element"]
+        width = max([6] + [len(o.path or str(o.index)) for o in self.outputs])
+        lines = [
+            f"{'output':>{width}} {'shape':>20} {'max abs':>11} {'max rel':>11} {'err/allowed':>11}  worst element"
+        ]
         for o in self.outputs:
             lines.append(
-                f"{o.index:>6} {str(o.shape):>20} {o.max_abs:>11.3e} {o.max_rel:>11.3e} "
+                f"{o.path or o.index:>{width}} {str(o.shape):>20} {o.max_abs:>11.3e} {o.max_rel:>11.3e} "
                 f"{o.error_over_allowed:>11.3f}  {o.worst_index}: ref {o.reference_value:.7g}, "
                 f"ported {o.ported_value:.7g}"
             )
@@ -867,7 +872,21 @@ class Comparison:
             )
 
 
-def _run_eval(model: Any, inputs: Sequence[Any]):
+def output_leaves(out: Any, path: str = "") -> List[Tuple[str, Any]]:
+    """The arrays of a model's output, whatever its nesting: ``[(path, array)]`` in order.
+
+    Tuples, lists and dicts (keys in insertion order) are walked; anything else is a leaf. The path
+    reads as Python indexing from the output: ``""`` for a single array, ``"[0]"``, ``"[1][2]"``,
+    ``"['logits']"`` (a GAN discriminator's ``(logits, [feature maps])`` gives ``[0]``, ``[1][0]``...).
+    """
+    if isinstance(out, (tuple, list)):
+        return [leaf for i, item in enumerate(out) for leaf in output_leaves(item, f"{path}[{i}]")]
+    if isinstance(out, Mapping):
+        return [leaf for key, item in out.items() for leaf in output_leaves(item, f"{path}[{key!r}]")]
+    return [(path, out)]
+
+
+def _run_eval(model: Any, inputs: Sequence[Any]) -> List[Tuple[str, Any]]:
     for _, module in _loaded_framework_modules():
         if module.accepts_model(model):
             return module.run_eval(model, inputs)
@@ -892,7 +911,9 @@ def compare(
             ``(module, variables)`` pair. Each is switched to inference mode (torch ``eval()`` under
             ``no_grad``, MindSpore ``set_train(False)``, NNX ``eval()``) and restored afterwards; a
             linen module must already be built for inference.
-        inputs: a NumPy array or a tuple of them, given to both models.
+        inputs: a NumPy array or a tuple of them, given to both models. The outputs may be an array or
+            any nesting of tuples, lists and dicts of arrays (a discriminator's ``(logits, [feature
+            maps])``); both models must return the same structure, and every array is compared.
         channels_last: the ported model takes and returns channels-last data (Flax's convention):
             its inputs are moved from ``(N, C, ...)`` to ``(N, ..., C)`` and its outputs back.
         dtype: the tolerance row the result is judged against (``Comparison.ok``).
@@ -910,16 +931,22 @@ def compare(
     reference = _run_eval(reference_model, inputs)
     ported = _run_eval(ported_model, ported_inputs)
     if channels_last:
-        ported = [np.moveaxis(y, -1, 1) if y.ndim > 2 else y for y in ported]
-    if len(reference) != len(ported):
-        raise ConversionError(f"the reference model returns {len(reference)} outputs, the ported one {len(ported)}.")
+        ported = [(path, np.moveaxis(y, -1, 1) if y.ndim > 2 else y) for path, y in ported]
+    reference_paths, ported_paths = [path for path, _ in reference], [path for path, _ in ported]
+    if reference_paths != ported_paths:
+        raise ConversionError(
+            f"the models' outputs are structured differently: the reference returns {len(reference)} array(s) at "
+            f"{reference_paths or ['(none)']}, the ported model {len(ported)} at {ported_paths or ['(none)']}. "
+            "Return the same nesting of tuples, lists and dicts from both."
+        )
     rtol, atol = tolerance(dtype, "forward")
     diffs = []
-    for index, (r, p) in enumerate(zip(reference, ported, strict=True)):
+    for index, ((path, r), (_, p)) in enumerate(zip(reference, ported, strict=True)):
         r = np.asarray(r, dtype=np.float64)
         p = np.asarray(p, dtype=np.float64)
+        where = f"output{path}" if path else f"output {index}"
         if r.shape != p.shape:
-            raise ConversionError(f"output {index}: the reference has shape {r.shape}, the ported model {p.shape}.")
+            raise ConversionError(f"{where}: the reference has shape {r.shape}, the ported model {p.shape}.")
         err = np.abs(p - r)
         rel = err / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
         allowed = atol + rtol * np.abs(r)
@@ -927,6 +954,7 @@ def compare(
         diffs.append(
             OutputDifference(
                 index=index,
+                path=path,
                 shape=r.shape,
                 max_abs=float(err.max()) if r.size else 0.0,
                 max_rel=float(rel.max()) if r.size else 0.0,

@@ -53,7 +53,16 @@ from flax import nnx, serialization
 from flax.core import FrozenDict
 
 from xnorm.errors import CheckpointFileError, ConversionError, OptionError
-from xnorm.porting import BATCHNORM, GROUPNORM, LAYERNORM, ArrayRef, LayerInfo, TensorSpec, atomic_write
+from xnorm.porting import (
+    BATCHNORM,
+    GROUPNORM,
+    LAYERNORM,
+    ArrayRef,
+    LayerInfo,
+    TensorSpec,
+    atomic_write,
+    output_leaves,
+)
 from xnorm.spec import LayerKind
 
 from . import NNXWeightNorm
@@ -542,7 +551,7 @@ def _as_numpy(output: Any) -> np.ndarray:
     return np.asarray(array).astype(np.float64)
 
 
-def run_eval(model: Any, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+def run_eval(model: Any, inputs: Sequence[np.ndarray]) -> List[Tuple[str, np.ndarray]]:
     """The model's outputs on ``inputs`` in inference mode, as float64 NumPy arrays.
 
     NNX: ``model.eval()`` for the call, then every ``deterministic``/``use_running_average`` flag is put
@@ -567,5 +576,4 @@ def run_eval(model: Any, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
     else:
         module, variables = model
         out = module.apply(variables, *arrays)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return [_as_numpy(o) for o in outs]
+    return [(path, _as_numpy(o)) for path, o in output_leaves(out)]

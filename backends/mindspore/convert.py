@@ -35,7 +35,16 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn
 
 from xnorm.errors import CheckpointFileError, ConversionError, OptionError
-from xnorm.porting import BATCHNORM, GROUPNORM, LAYERNORM, ArrayRef, LayerInfo, TensorSpec, atomic_write
+from xnorm.porting import (
+    BATCHNORM,
+    GROUPNORM,
+    LAYERNORM,
+    ArrayRef,
+    LayerInfo,
+    TensorSpec,
+    atomic_write,
+    output_leaves,
+)
 from xnorm.spec import LayerKind
 
 from . import WeightNormCell
@@ -324,7 +333,7 @@ def _training_flags(model: nn.Cell) -> List[Tuple[nn.Cell, bool]]:
     return [(cell, bool(cell.training)) for _, cell in model.cells_and_names()]
 
 
-def run_eval(model: nn.Cell, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+def run_eval(model: nn.Cell, inputs: Sequence[np.ndarray]) -> List[Tuple[str, np.ndarray]]:
     """``model``'s outputs in inference mode (``set_train(False)``) as float64 NumPy arrays.
 
     Every Cell's own training flag is restored afterwards, mixed modes included. Runs in whatever
@@ -339,10 +348,9 @@ def run_eval(model: nn.Cell, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
         if any(flag != flags[0][1] for _, flag in flags):
             for cell, flag in flags:  # parents first: each call resets the Cells below it, fixed by later calls
                 cell.set_train(flag)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
     results = []
-    for o in outs:
+    for path, o in output_leaves(out):
         if o.dtype == mindspore.bfloat16:
             o = o.astype(mindspore.float32)
-        results.append(o.asnumpy().astype(np.float64))
+        results.append((path, o.asnumpy().astype(np.float64)))
     return results

@@ -14,8 +14,9 @@ Every conversion plug-in (``xnorm._backends.<framework>.convert``) offers the sa
     naming) may have in a source of this framework.
 ``build(like, arrays, load) -> result`` and ``save(result, path)``
     the conversion's result, and writing it atomically.
-``run_eval(model, inputs) -> [ndarray]``
-    outputs in inference mode, the model's mode restored afterwards.
+``run_eval(model, inputs) -> [(path, ndarray)]``
+    outputs in inference mode as :func:`xnorm.porting.output_leaves` lists them (nested outputs
+    flattened, each array with its path), the model's mode restored afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from xnorm.porting import (
     LayerInfo,
     TensorSpec,
     atomic_write,
+    output_leaves,
     read_safetensors,
     write_safetensors,
 )
@@ -201,7 +203,7 @@ def save(result: Mapping[str, torch.Tensor], path: Any) -> None:
         raise OptionError(f"cannot write a torch checkpoint as {path.suffix!r}; use .safetensors or .pt.")
 
 
-def run_eval(model: nn.Module, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+def run_eval(model: nn.Module, inputs: Sequence[np.ndarray]) -> List[Tuple[str, np.ndarray]]:
     training = model.training
     try:
         model.eval()
@@ -211,5 +213,7 @@ def run_eval(model: nn.Module, inputs: Sequence[np.ndarray]) -> List[np.ndarray]
             out = model(*(torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in inputs))
     finally:
         model.train(training)
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return [_to_numpy(o).astype(np.float64) if o.dtype != torch.bfloat16 else o.float().cpu().numpy() for o in outs]
+    return [
+        (path, _to_numpy(o).astype(np.float64) if o.dtype != torch.bfloat16 else o.float().cpu().numpy())
+        for path, o in output_leaves(out)
+    ]

@@ -150,7 +150,8 @@ def test_save_writes_safetensors_or_pt_atomically(tmp_path):
 def test_run_eval_restores_training_mode():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).train()
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
-    (out,) = torch_convert.run_eval(model, [x])
+    ((path, out),) = torch_convert.run_eval(model, [x])
+    assert path == ""
     assert model.training
     with torch.no_grad():
         expected = model[0](torch.from_numpy(x)).numpy()  # dropout is off in eval mode
@@ -171,6 +172,40 @@ def test_compare_two_torch_models_reports_the_worst_element():
     with pytest.raises(AssertionError, match="beyond the float32 forward tolerance"):
         result.assert_close()
     assert xnorm.compare(reference, reference, x).ok
+
+
+class _Discriminator(nn.Module):
+    """Returns (logits, [feature maps]) as every GAN discriminator does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(1, 4, 3), nn.Conv1d(4, 1, 3)
+
+    def forward(self, x):
+        first = self.a(x)
+        second = self.b(first)
+        return second.flatten(1), [first, {"last": second}]
+
+
+def test_compare_walks_nested_outputs_and_names_each_array():
+    torch.manual_seed(0)
+    reference, ported = _Discriminator(), _Discriminator()
+    ported.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        ported.b.bias += 1e-3
+    result = xnorm.compare(reference, ported, np.ones((2, 1, 9), np.float32))
+    assert [o.path for o in result.outputs] == ["[0]", "[1][0]", "[1][1]['last']"]
+    assert [o.error_over_allowed > 1 for o in result.outputs] == [True, False, True]
+    assert "[1][1]['last']" in str(result)
+
+
+def test_compare_refuses_outputs_of_another_structure():
+    class Flat(_Discriminator):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    with pytest.raises(xnorm.ConversionError, match="structured differently"):
+        xnorm.compare(_Discriminator(), Flat(), np.ones((2, 1, 9), np.float32))
 
 
 # -- CLI errors that need no second framework ----------------------------------------------------------------
