@@ -44,7 +44,9 @@ class Backend:
         implement raises :class:`~xnorm.errors.UnsupportedLayerError` naming the ones it does."""
         raise NotImplementedError
 
-    def remove(self, obj: Any, *args: Any) -> Any:
+    def remove(self, obj: Any, *args: Any, **options: Any) -> Any:
+        """Undo ``wrap`` on ``obj`` (a wrapped layer or a model holding some); ``options`` are backend-specific
+        keywords (an unknown one raises :class:`~xnorm.errors.OptionError`)."""
         raise NotImplementedError
 
     def is_wrapped(self, obj: Any) -> bool:

@@ -1,4 +1,5 @@
-"""The Flax backend: weight normalization for ``flax.linen`` and ``flax.nnx`` modules.
+"""The Flax backend: weight normalization (here) and spectral normalization (:mod:`.spectral`) for
+``flax.linen`` and ``flax.nnx`` modules.
 
 ``xnorm.wrap(layer, backend="flax", dim=0)`` returns a new module that computes::
 
@@ -35,7 +36,9 @@ g keeps the storage layout with every axis but ``dim``'s reduced to size 1 (a 0-
 
 Wrapping never writes into the wrapped layer: the linen wrapper calls an unbound copy of the layer
 with ``w`` through ``Module.apply``; the NNX wrapper keeps its own copies of the layer's variables
-and, on each call, builds a throw-away layer from the layer's ``GraphDef`` with ``w`` as its kernel.
+and, on each call, builds a throw-away layer from the layer's ``GraphDef`` with ``w`` as its kernel
+(:class:`NNXLayerCopy`). The spectral-norm wrappers work the same way, with ``<name>_orig`` and the
+state ``<name>_u``, ``<name>_v`` instead of g and v.
 """
 
 from __future__ import annotations
@@ -56,12 +59,22 @@ from xnorm.errors import (
     UnsupportedLayerError,
 )
 from xnorm.registry import Backend
-from xnorm.spec import LayerKind, StorageLayout, WeightNorm, check_floating, normalize_dim
+from xnorm.spec import (
+    REPARAMETRIZATIONS,
+    LayerKind,
+    Reparametrization,
+    SpectralNorm,
+    StorageLayout,
+    WeightNorm,
+    check_floating,
+)
 
 __all__ = [
     "FlaxBackend",
     "LinenWeightNorm",
     "NNXWeightNorm",
+    "NNXLayerCopy",
+    "linen_initial_params",
     "storage_layout",
     "linen_weight",
 ]
@@ -188,6 +201,33 @@ def _replace_entry(params: Mapping[str, Any], name: str, new: Dict[str, Any]) ->
 # ------------------------------------------------------------------------------------------------
 # linen
 # ------------------------------------------------------------------------------------------------
+def linen_initial_params(
+    wrapper: nn.Module, template: nn.Module, args: tuple, kwargs: Dict[str, Any]
+) -> Dict[str, Any]:
+    """The wrapped layer's own freshly initialised params, checked, for a linen wrapper's ``init``.
+
+    ``wrapper`` has the fields ``layer`` and ``param_name``; ``template`` is an unbound clone of the
+    layer, initialised with the wrapper's ``params`` rng and the call's arguments.
+    """
+    variables = template.init(wrapper.make_rng("params"), *args, **kwargs)
+    layer_type = type(wrapper.layer).__name__
+    extra = sorted(set(variables) - {"params"})
+    if extra:
+        raise UnsupportedLayerError(
+            f"{layer_type} creates variables outside 'params' ({', '.join(extra)}); the "
+            "linen wrapper only carries 'params'. Wrap the sub-layer that owns the weight instead."
+        )
+    params = dict(variables.get("params", {}))
+    name = wrapper.param_name
+    if name not in params:
+        raise MissingParameterError(
+            f"{layer_type} has no parameter {name!r} (it has: {', '.join(params) or 'none'}). "
+            "Pass name= with one of these."
+        )
+    _check_weight(params[name], f"parameter {name!r} of {layer_type}")
+    return params
+
+
 class LinenWeightNorm(nn.Module):
     """A linen module computing ``layer`` with its parameter ``param_name`` weight-normalized.
 
@@ -217,30 +257,12 @@ class LinenWeightNorm(nn.Module):
     def _spec(self) -> WeightNorm:
         return WeightNorm(dim=self.dim, eps=self.eps)
 
-    def _initial_params(self, template: nn.Module, args, kwargs) -> Dict[str, Any]:
-        """The layer's own freshly initialised params, checked."""
-        variables = template.init(self.make_rng("params"), *args, **kwargs)
-        extra = sorted(set(variables) - {"params"})
-        if extra:
-            raise UnsupportedLayerError(
-                f"{type(self.layer).__name__} creates variables outside 'params' ({', '.join(extra)}); the "
-                "linen wrapper only carries 'params'. Wrap the sub-layer that owns the weight instead."
-            )
-        params = dict(variables.get("params", {}))
-        if self.param_name not in params:
-            raise MissingParameterError(
-                f"{type(self.layer).__name__} has no parameter {self.param_name!r} (it has: "
-                f"{', '.join(params) or 'none'}). Pass name= with one of these."
-            )
-        _check_weight(params[self.param_name], f"parameter {self.param_name!r} of {type(self.layer).__name__}")
-        return params
-
     @nn.compact
     def __call__(self, *args, **kwargs):
         template = self.layer.clone()  # unbound: it reads w from us, never from a scope of its own
         g_name, v_name = _names(self._spec(), self.param_name)
         if not self.has_variable("params", v_name) and self.is_mutable_collection("params"):
-            initial = self._initial_params(template, args, kwargs)
+            initial = linen_initial_params(self, template, args, kwargs)
             weight = initial[self.param_name]
             _, axes, keep = _resolve(self.layer, self.param_name, self._spec(), weight.ndim)
             g0 = _init_g(weight, axes, keep, self.eps)
@@ -266,8 +288,16 @@ class LinenWeightNorm(nn.Module):
         return template.apply({"params": values}, *args, **kwargs)
 
 
-def linen_weight(module: LinenWeightNorm, variables: Mapping[str, Any]):
-    """The weight ``module`` computes with, ``w``, in Flax's storage layout, from its ``variables``."""
+def linen_weight(module: nn.Module, variables: Mapping[str, Any]):
+    """The weight ``module`` computes with, ``w``, in Flax's storage layout, from its ``variables``.
+
+    For a spectral-norm wrapper this is the eval-mode weight ``W / sigma`` with the stored u and v
+    (no power iteration; ``variables`` needs its ``batch_stats``), see :mod:`.spectral`.
+    """
+    from .spectral import LinenSpectralNorm, linen_spectral_weight
+
+    if isinstance(module, LinenSpectralNorm):
+        return linen_spectral_weight(module, variables)
     if not isinstance(module, LinenWeightNorm):
         raise api._not_wrapped(module)
     params = _wrapped_params(module, variables)
@@ -296,7 +326,24 @@ def _same_mapping_type(template: Any, value: Dict[str, Any]) -> Any:
 # ------------------------------------------------------------------------------------------------
 # NNX
 # ------------------------------------------------------------------------------------------------
-class NNXWeightNorm(nnx.Module):
+class NNXLayerCopy(nnx.Module):
+    """What the NNX wrappers share: the wrapped layer's ``GraphDef`` (``_xnorm_graphdef``), the name of
+    the parameter they compute (``_xnorm_name``) and copies of its other top-level variables, held as
+    the wrapper's own attributes under their own names (``_xnorm_others``); subclasses set all three."""
+
+    def _layer_with(self, weight, *, share: bool) -> nnx.Module:
+        """A layer built from the wrapped layer's ``GraphDef`` whose parameter holds ``weight``. With
+        ``share`` its other variables are the wrapper's own (state the layer updates lands in the
+        wrapper); without, copies (a plain layer of its own)."""
+        variables = {key: getattr(self, key) for key in self._xnorm_others}
+        if not share:
+            variables = {key: value.copy() for key, value in variables.items()}
+        # A fresh Param holds w: the wrapped layer's own kernel is never written (flax issue 5576).
+        variables[self._xnorm_name] = nnx.Param(weight)
+        return nnx.merge(self._xnorm_graphdef, nnx.State(variables))
+
+
+class NNXWeightNorm(NNXLayerCopy):
     """An NNX module computing a copy of ``layer`` with its parameter ``name`` weight-normalized.
 
     Built by :func:`xnorm.wrap`. Its state is ``<name>_g`` and ``<name>_v`` (both ``nnx.Param``, so
@@ -335,14 +382,6 @@ class NNXWeightNorm(nnx.Module):
         g, v = getattr(self, g_name).get_value(), getattr(self, v_name).get_value()
         return _materialize(g, v, self._xnorm_axes, self._xnorm_keepdims, self._xnorm_eps)
 
-    def _layer_with(self, weight, *, share: bool) -> nnx.Module:
-        variables = {key: getattr(self, key) for key in self._xnorm_others}
-        if not share:
-            variables = {key: value.copy() for key, value in variables.items()}
-        # A fresh Param holds w: the wrapped layer's own kernel is never written (flax issue 5576).
-        variables[self._xnorm_name] = nnx.Param(weight)
-        return nnx.merge(self._xnorm_graphdef, nnx.State(variables))
-
     def __call__(self, *args, **kwargs):
         return self._layer_with(self.weight(), share=True)(*args, **kwargs)
 
@@ -357,28 +396,36 @@ class NNXWeightNorm(nnx.Module):
 class FlaxBackend(Backend):
     """``xnorm.wrap``/``remove``/``is_wrapped`` for ``flax.linen.Module`` and ``flax.nnx.Module``.
 
-    ``wrap(layer, spec, name=None, variables=None)``:
+    ``wrap(layer, spec, name=None, variables=None, fused=False, rngs=None)``:
 
-    * linen, ``variables`` not given: returns a :class:`LinenWeightNorm` whose ``init`` initialises the
-      layer and turns its weight into g and v.
+    * linen, ``variables`` not given: returns a :class:`LinenWeightNorm` (a
+      :class:`~xnorm._backends.flax.spectral.LinenSpectralNorm` for spectral norm) whose ``init``
+      initialises the layer and turns its weight into the spec's tensors (and state).
     * linen, ``variables=`` the layer's existing variables (a checkpoint): returns
-      ``(wrapper, wrapped_variables)``; ``wrapped_variables`` holds g = ||W||, v = W and the other
-      parameters unchanged, so ``wrapper.apply(wrapped_variables, x) == layer.apply(variables, x)``.
-      ``variables`` itself is not modified.
-    * NNX: returns a :class:`NNXWeightNorm` built from the layer's current weight (the layer is left as
-      it was). ``variables=`` is an :class:`~xnorm.errors.OptionError` here.
-    * ``fused=True``: the same, with the subclasses of ``fused.py`` (``LinenFusedWeightNorm``,
-      ``NNXFusedWeightNorm``): same variables and checkpoints, w never built where
-      :func:`xnorm.spec.fused_scale_side` allows it.
+      ``(wrapper, wrapped_variables)``. Weight norm: g = ||W||, v = W and the other parameters
+      unchanged, so ``wrapper.apply(wrapped_variables, x) == layer.apply(variables, x)``. Spectral
+      norm: ``<name>_orig`` = W and ``batch_stats`` u, v drawn from ``rngs=`` (required). ``variables``
+      itself is not modified.
+    * NNX: returns an :class:`NNXWeightNorm` (:class:`~xnorm._backends.flax.spectral.NNXSpectralNorm`)
+      built from the layer's current weight (the layer is left as it was); spectral norm draws u and v
+      from ``rngs=`` (required: an ``nnx.Rngs``, a JAX key or an int seed). ``variables=`` is an
+      :class:`~xnorm.errors.OptionError` here.
+    * ``fused=True`` (weight norm only): the same, with the subclasses of ``fused.py``
+      (``LinenFusedWeightNorm``, ``NNXFusedWeightNorm``): same variables and checkpoints, w never built
+      where :func:`xnorm.spec.fused_scale_side` allows it.
 
-    ``remove``: linen ``remove(wrapper, variables) -> (plain_layer, plain_variables)``; NNX
-    ``remove(wrapper) -> plain_layer``, or ``remove(model)`` replacing every wrapper inside ``model``
-    (attributes, ``nnx.List``/``nnx.Dict`` items) by its plain layer and returning ``model``.
+    ``remove``: linen ``remove(wrapper, variables) -> (plain_layer, plain_variables)``, and for spectral
+    norm ``remove(wrapper, variables, update_stats=True|False)`` (``True`` iterates first, a
+    training-mode use); NNX ``remove(wrapper) -> plain_layer``, or ``remove(model)`` replacing every
+    wrapper inside ``model`` (attributes, ``nnx.List``/``nnx.Dict`` items) by its plain layer and
+    returning ``model`` (a spectral-norm wrapper iterates first unless it is in eval mode).
 
-    Errors, raised before anything is changed: UnsupportedLayerError (a linen module already bound
-    to variables, a layer with variables outside ``params``, a nested weight), MissingParameterError,
-    NonFloatingParameterError, DimError, AlreadyWrappedError (an xnorm wrapper, Flax's own
-    ``WeightNorm``, or variables that already hold ``<name>_g``), NotWrappedError, OptionError.
+    Errors, raised before anything is changed: UnsupportedLayerError (a spec this backend does not
+    implement, a linen module already bound to variables, a layer with variables outside ``params``,
+    a nested weight), MissingParameterError, NonFloatingParameterError, DimError, AlreadyWrappedError
+    (an xnorm wrapper, Flax's own ``WeightNorm`` or ``SpectralNorm``, or variables that already hold
+    any reparametrization's names: ``<name>_g``, ``_v``, ``_orig``, ``_u``), NotWrappedError,
+    OptionError.
     """
 
     name = "flax"
@@ -387,46 +434,59 @@ class FlaxBackend(Backend):
         return isinstance(obj, (nn.Module, nnx.Module))
 
     def is_wrapped(self, obj: Any) -> bool:
-        return isinstance(obj, (LinenWeightNorm, NNXWeightNorm))
+        return isinstance(obj, _xnorm_wrappers())
 
     # -- wrap -----------------------------------------------------------------------------------
-    def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str] = None, **options: Any) -> Any:
-        if not isinstance(spec, WeightNorm):
+    def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str] = None, **options: Any) -> Any:
+        if not isinstance(spec, (WeightNorm, SpectralNorm)):
             raise UnsupportedLayerError(
-                f"the flax backend does not implement {type(spec).__name__} yet; it implements WeightNorm."
+                f"the flax backend does not implement {type(spec).__name__}; it implements WeightNorm and SpectralNorm."
             )
         variables = options.pop("variables", _MISSING)
         fused = options.pop("fused", False)
+        rngs = options.pop("rngs", _MISSING)
         if options:
             raise OptionError(
                 f"unknown option(s) for the flax backend: {', '.join(sorted(options))}. The flax backend "
-                "accepts variables= (linen only: the existing variables of the layer to wrap) and fused=."
+                "accepts variables= (linen only: the existing variables of the layer to wrap), fused= (weight "
+                "norm) and rngs= (spectral norm's initial draws)."
             )
         if not isinstance(fused, bool):
             raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
-        if isinstance(layer, (LinenWeightNorm, NNXWeightNorm, nn.WeightNorm, nnx.WeightNorm)):
+        if fused and not isinstance(spec, WeightNorm):
+            raise OptionError(f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path.")
+        if rngs is not _MISSING and not isinstance(spec, SpectralNorm):
+            raise OptionError("rngs= seeds spectral norm's initial u and v; weight norm draws nothing. Drop it.")
+        native = (nn.WeightNorm, nnx.WeightNorm, nn.SpectralNorm, nnx.SpectralNorm)
+        if isinstance(layer, _xnorm_wrappers() + native):
             raise AlreadyWrappedError(
-                f"{type(layer).__qualname__} is already weight-normalized; wrap the plain layer instead "
+                f"{type(layer).__qualname__} is already a reparametrization wrapper; wrap the plain layer instead "
                 "(xnorm.remove gives it back for an xnorm wrapper)."
             )
         if name is not None and not isinstance(name, str):
             raise MissingParameterError(f"name must be a parameter name (a str) or None, got {name!r}.")
         name = name or _default_name(layer)
         if isinstance(layer, nn.Module):
-            return self._wrap_linen(layer, spec, name, variables, fused)
+            return self._wrap_linen(layer, spec, name, variables, fused, rngs)
         if variables is not _MISSING:
             raise OptionError("variables= is for linen modules only; an NNX module holds its own variables. Drop it.")
-        return self._wrap_nnx(layer, spec, name, fused)
+        return self._wrap_nnx(layer, spec, name, fused, rngs)
 
-    def _wrap_linen(self, layer: nn.Module, spec: WeightNorm, name: str, variables: Any, fused: bool = False) -> Any:
+    def _wrap_linen(
+        self, layer: nn.Module, spec: Reparametrization, name: str, variables: Any, fused: bool, rngs: Any
+    ) -> Any:
         if isinstance(layer.parent, Scope):
             raise UnsupportedLayerError(
                 f"{type(layer).__name__} is bound to variables (module.bind or inside apply at the top level). "
                 "Wrap the unbound module: xnorm.wrap(module.unbind()[0], variables=module.unbind()[1])."
             )
         kind, ndim, _ = _kind(layer, name)
-        g_name, v_name = _names(spec, name)
         if variables is _MISSING:
+            if rngs is not _MISSING:
+                raise OptionError(
+                    "rngs= is for xnorm.wrap(..., variables=...): without variables, spectral norm draws u and v "
+                    "at init, from its 'params' rng. Drop rngs=."
+                )
             ranks = _known_ranks(layer)
             if ranks is not None:
                 if name not in ranks:
@@ -434,9 +494,9 @@ class FlaxBackend(Backend):
                         f"{type(layer).__name__} has no parameter {name!r} (it has: {', '.join(sorted(ranks))})."
                     )
                 check_floating(jnp.dtype(layer.param_dtype).name, what=f"{type(layer).__name__}.{name}")
-                normalize_dim(spec.dim, ranks[name])
+                spec.resolved_dim(ranks[name], kind)
             else:
-                normalize_dim(spec.dim, 1 << 30)  # type checks now; the range once init knows the rank
+                spec.resolved_dim(1 << 30, kind)  # type checks now; the range once init knows the rank
             return self._make_linen(layer, spec, name, fused)
 
         params = variables.get("params") if isinstance(variables, Mapping) else None
@@ -445,14 +505,22 @@ class FlaxBackend(Backend):
                 f"variables= must be the layer's variables, a mapping with a 'params' collection "
                 f"(as returned by {type(layer).__name__}.init); got {type(variables).__name__}."
             )
+        held = [
+            key
+            for key in _reparametrized_names(name)
+            if any(isinstance(collection, Mapping) and key in collection for collection in variables.values())
+        ]
+        if held:
+            raise AlreadyWrappedError(
+                f"the variables already hold {', '.join(map(repr, held))}: {name!r} is already reparametrized. "
+                "Pass the plain layer's variables (xnorm.remove gives them back)."
+            )
         extra = sorted(set(variables) - {"params"})
         if extra:
             raise UnsupportedLayerError(
                 f"the variables hold collections besides 'params' ({', '.join(extra)}); the linen wrapper only "
                 "carries 'params'. Wrap the sub-layer that owns the weight instead."
             )
-        if g_name in params or v_name in params:
-            raise AlreadyWrappedError(f"the variables already hold {g_name!r}/{v_name!r}: they are weight-normalized.")
         if name not in params:
             raise MissingParameterError(
                 f"the variables have no parameter {name!r} (they have: {', '.join(params) or 'none'}). "
@@ -466,6 +534,14 @@ class FlaxBackend(Backend):
                 f"parameter {name!r} has {weight.ndim} axes but a {type(layer).__name__} kernel has {ndim}; "
                 "these variables do not belong to this layer."
             )
+        if isinstance(spec, SpectralNorm):
+            from . import spectral
+
+            spectral.matrix_axes(layer, name, spec, weight.ndim)  # DimError before anything is drawn
+            key = spectral.draw_key(_required_rngs(rngs))
+            wrapped_variables = spectral.wrapped_linen_variables(variables, layer, spec, name, key)
+            return self._make_linen(layer, spec, name), wrapped_variables
+        g_name, v_name = _names(spec, name)
         _, axes, keep = _resolve(layer, name, spec, weight.ndim)
         g0 = _init_g(weight, axes, keep, spec.eps)
         new_params = _same_mapping_type(params, _replace_entry(params, name, {g_name: g0, v_name: weight}))
@@ -473,21 +549,32 @@ class FlaxBackend(Backend):
         return wrapper, _same_mapping_type(variables, {"params": new_params})
 
     @staticmethod
-    def _make_linen(layer: nn.Module, spec: WeightNorm, name: str, fused: bool = False) -> LinenWeightNorm:
-        fields = dict(layer=layer, param_name=name, dim=spec.dim, eps=spec.eps)
-        cls = _wrapper_classes(fused)[0]
+    def _make_linen(layer: nn.Module, spec: Reparametrization, name: str, fused: bool = False) -> nn.Module:
+        if isinstance(spec, SpectralNorm):
+            from .spectral import LinenSpectralNorm
+
+            cls: type = LinenSpectralNorm
+            fields = dict(
+                layer=layer, param_name=name, n_power_iterations=spec.n_power_iterations, eps=spec.eps, dim=spec.dim
+            )
+        else:
+            cls = _wrapper_classes(fused)[0]
+            fields = dict(layer=layer, param_name=name, dim=spec.dim, eps=spec.eps)
         if layer.scope is not None and isinstance(layer.parent, nn.Module):
             # The layer was created inside a parent's compact method (or named in setup) and already
             # holds a scope at its own path, e.g. params["Dense_0"]. The wrapper takes that very scope,
-            # so g and v sit where the kernel would have been; the layer itself never creates anything.
+            # so its variables sit where the kernel would have been; the layer itself never creates anything.
             return cls(**fields, name=layer.name, parent=layer.scope)
         return cls(**fields, name=layer.name)
 
-    def _wrap_nnx(self, layer: nnx.Module, spec: WeightNorm, name: str, fused: bool = False) -> NNXWeightNorm:
+    def _wrap_nnx(self, layer: nnx.Module, spec: Reparametrization, name: str, fused: bool, rngs: Any) -> nnx.Module:
         state = nnx.state(layer)
-        g_name, v_name = _names(spec, name)
-        if g_name in state or v_name in state:
-            raise AlreadyWrappedError(f"{type(layer).__name__} already has {g_name!r}/{v_name!r}.")
+        held = [key for key in _reparametrized_names(name) if key in state]
+        if held:
+            raise AlreadyWrappedError(
+                f"{type(layer).__name__} already has {', '.join(map(repr, held))}: {name!r} is already "
+                "reparametrized. Wrap the plain layer (xnorm.remove gives it back)."
+            )
         variable = getattr(layer, name, None) if name in state else None
         if not isinstance(variable, nnx.Param):
             have = [key for key in state if isinstance(getattr(layer, str(key), None), nnx.Param)]
@@ -504,19 +591,30 @@ class FlaxBackend(Backend):
             )
         weight = variable.get_value()
         _check_weight(weight, f"{type(layer).__name__}.{name}")
-        spec.resolved_dim(weight.ndim)  # DimError before anything is built
+        spec.resolved_dim(weight.ndim, _kind(layer, name)[0])  # DimError before anything is built
+        if isinstance(spec, SpectralNorm):
+            from . import spectral
+
+            key = spectral.draw_key(_required_rngs(rngs))
+            return spectral.NNXSpectralNorm(layer, name=name, spec=spec, key=key)
         return _wrapper_classes(fused)[1](layer, name=name, spec=spec)
 
     # -- remove ---------------------------------------------------------------------------------
-    def remove(self, obj: Any, *args: Any) -> Any:
+    def remove(self, obj: Any, *args: Any, **options: Any) -> Any:
         if isinstance(obj, nn.Module):
-            return self._remove_linen(obj, *args)
-        if args:
-            raise OptionError("xnorm.remove takes no extra arguments for an NNX module: call xnorm.remove(module).")
+            return self._remove_linen(obj, *args, **options)
+        if args or options:
+            raise OptionError(
+                "xnorm.remove takes no extra arguments for an NNX module: call xnorm.remove(module). A spectral-norm "
+                "wrapper iterates first unless it is in eval mode (module.eval())."
+            )
         return self._remove_nnx(obj)
 
-    def _remove_linen(self, module: nn.Module, *args: Any) -> Tuple[nn.Module, Any]:
-        if not isinstance(module, LinenWeightNorm):
+    def _remove_linen(self, module: nn.Module, *args: Any, **options: Any) -> Tuple[nn.Module, Any]:
+        from .spectral import LinenSpectralNorm
+        from .spectral import remove_linen as remove_linen_spectral
+
+        if not isinstance(module, (LinenWeightNorm, LinenSpectralNorm)):
             raise api._not_wrapped(module)
         if len(args) != 1:
             raise OptionError(
@@ -524,6 +622,22 @@ class FlaxBackend(Backend):
                 "plain_module, plain_variables = xnorm.remove(module, variables)."
             )
         variables = args[0]
+        if isinstance(module, LinenSpectralNorm):
+            update_stats = options.pop("update_stats", None)
+            if options:
+                raise OptionError(f"unknown option(s) for removing spectral norm: {', '.join(sorted(options))}.")
+            if not isinstance(update_stats, bool):
+                raise OptionError(
+                    "xnorm.remove on a linen spectral-norm wrapper needs update_stats=True (a training-mode use: "
+                    "iterate once more first, as torch's removal in training mode) or update_stats=False (keep the "
+                    f"current u and v, as in eval mode), got {update_stats!r}."
+                )
+            return remove_linen_spectral(module, variables, update_stats)
+        if options:
+            raise OptionError(
+                f"xnorm.remove on a linen weight-norm wrapper takes no keyword options (got "
+                f"{', '.join(sorted(options))}); update_stats= is for spectral norm."
+            )
         params = _wrapped_params(module, variables)
         g_name, v_name = _names(module._spec(), module.param_name)
         w = linen_weight(module, variables)
@@ -533,9 +647,10 @@ class FlaxBackend(Backend):
         return module.layer.clone(), _same_mapping_type(variables, out)
 
     def _remove_nnx(self, obj: nnx.Module) -> nnx.Module:
-        if isinstance(obj, NNXWeightNorm):
+        wrappers = _xnorm_wrappers()
+        if isinstance(obj, wrappers):
             return obj.to_plain()
-        found = [(path, node) for path, node in nnx.iter_graph(obj) if isinstance(node, NNXWeightNorm)]
+        found = [(path, node) for path, node in nnx.iter_graph(obj) if isinstance(node, wrappers)]
         if not found:
             raise api._not_wrapped(obj)
         # Every parent is looked up and every plain layer built before the first assignment.
@@ -546,6 +661,32 @@ class FlaxBackend(Backend):
             else:
                 parent[key] = plain
         return obj
+
+
+def _xnorm_wrappers() -> Tuple[type, ...]:
+    """Every wrapper class :func:`xnorm.wrap` returns for Flax (the fused ones are subclasses)."""
+    from .spectral import LinenSpectralNorm, NNXSpectralNorm
+
+    return LinenWeightNorm, NNXWeightNorm, LinenSpectralNorm, NNXSpectralNorm
+
+
+def _reparametrized_names(name: str) -> Tuple[str, ...]:
+    """Every name a reparametrization of parameter ``name`` puts beside the layer's other variables
+    (``kernel_g``, ``kernel_v``, ``kernel_orig``, ``kernel_u``): any of them means it is already wrapped."""
+    names: Dict[str, None] = {}
+    for cls in REPARAMETRIZATIONS.values():
+        spec = cls()
+        names.update(dict.fromkeys(spec.tensor_names(name) + spec.state_names(name)))
+    return tuple(names)
+
+
+def _required_rngs(rngs: Any) -> Any:
+    if rngs is _MISSING:
+        raise OptionError(
+            "spectral norm draws its initial u and v at wrap: pass rngs= (an nnx.Rngs, as Flax layers take it, "
+            "a JAX key such as jax.random.key(0), or an int seed)."
+        )
+    return rngs
 
 
 def _wrapper_classes(fused: bool) -> Tuple[type, type]:

@@ -63,9 +63,9 @@ from xnorm.porting import (
     atomic_write,
     output_leaves,
 )
-from xnorm.spec import LayerKind
+from xnorm.spec import LayerKind, SpectralNorm
 
-from . import NNXWeightNorm
+from . import NNXLayerCopy, NNXWeightNorm
 
 __all__ = [
     "accepts_source",
@@ -86,6 +86,8 @@ _SKIPPED_VARIABLES = (nnx.RngState, nnx.Intermediate, nnx.Cache)
 #: The linen collection of batch statistics; every other converted variable is in ``params``.
 _BATCH_STATS = "batch_stats"
 _BATCH_STAT_NAMES = ("mean", "var")
+#: Names ending so may be spectral norm's state (``kernel_u``, ``kernel_v``), which linen keeps in batch_stats.
+_SPECTRAL_STATE_SUFFIXES = tuple(SpectralNorm.suffixes[entry] for entry in SpectralNorm.state)
 SEPARATOR = "/"
 
 _NNX_KINDS: Tuple[Tuple[type, str], ...] = (
@@ -255,7 +257,8 @@ def read(source: Any) -> Dict[str, ArrayRef]:
 
 
 def _rank(spec_by_name: Mapping[str, TensorSpec], name: str) -> Optional[int]:
-    for candidate in (name, name + "_v"):
+    # spectral norm's W (``_orig``) before ``_v``: its ``kernel_v`` is the 1-D power-iteration vector
+    for candidate in (name, name + "_orig", name + "_v"):
         if candidate in spec_by_name:
             return len(spec_by_name[candidate].shape)
     return None
@@ -312,12 +315,13 @@ def _nnx_kind(module: Any, params: Mapping[str, TensorSpec], batch_stats: Sequen
     """``(kind, problem)`` of an NNX module holding ``params``; ``problem`` explains a layer xnorm refuses."""
     layer_type = type(module)
     layer = module
-    if isinstance(module, NNXWeightNorm):
+    if isinstance(module, NNXLayerCopy):  # an xnorm wrapper, of any reparametrization
         layer_type = module._xnorm_layer_type
         if issubclass(layer_type, nnx.ConvTranspose):
-            # The wrapper keeps the layer as a GraphDef; rebuilding it (with v as its kernel) gives its options.
-            g_name, v_name = module._xnorm_names
-            layer = module._layer_with(getattr(module, v_name).get_value(), share=False)
+            # The wrapper keeps the layer as a GraphDef; rebuilding it (with a kernel-shaped tensor: weight
+            # norm's v, spectral norm's W) gives its options.
+            kernel_like = module._xnorm_names[1] if isinstance(module, NNXWeightNorm) else module._xnorm_names[0]
+            layer = module._layer_with(getattr(module, kernel_like).get_value(), share=False)
     weight = _rank(params, "kernel")
     if issubclass(layer_type, (nnx.Conv, nnx.ConvTranspose)) and weight is not None:
         n = weight - 2
@@ -397,9 +401,15 @@ def candidate_keys(info: LayerInfo, name: str) -> List[str]:
     list members as ``ups_0`` (``params/ups_0/kernel_v``, ``batch_stats/bn/mean``); an NNX source by its
     state path (``ups/0/kernel_v``); both spellings of the path are offered to both.
     """
-    collection = _BATCH_STATS if info.kind == BATCHNORM and name in _BATCH_STAT_NAMES else "params"
+    if info.kind == BATCHNORM and name in _BATCH_STAT_NAMES:
+        collections = [_BATCH_STATS]
+    elif name.endswith(_SPECTRAL_STATE_SUFFIXES):
+        # spectral norm's u and v are batch_stats, weight norm's v a param: a layer has one or the other
+        collections = ["params", _BATCH_STATS]
+    else:
+        collections = ["params"]
     paths = list(dict.fromkeys((tuple(info.segments), _linen_segments(info.segments))))
-    keys = [_key((collection, *path, name)) for path in paths]
+    keys = [_key((collection, *path, name)) for collection in collections for path in paths]
     keys += [_key((*path, name)) for path in paths]
     return list(dict.fromkeys(keys))
 

@@ -13,6 +13,12 @@ computes in torch's semantics:
 The canonical <-> Flax layout used here is written out from the layer kinds, independently of the
 backend's own table, so a wrong ``dim`` mapping in the backend shows up as a wrong g.
 
+Spectral norm's u and v are state: linen keeps them in the ``batch_stats`` collection of the handle's
+variables, and every call passes ``update_stats`` (training-mode calls, gradients and SGD steps pass
+``True``, make ``batch_stats`` mutable and store what they return; eval calls pass ``False``); NNX
+keeps them as ``nnx.BatchStat``s that ``nnx.jit``/``nnx.grad`` update, and eval calls run under
+``module.eval()``. The state is an argument of every compiled program, like the parameters.
+
 Speed. Nearly all of a case's time is XLA:CPU compiling: its forward, gradient and SGD-step programs
 and the small eager programs of ``xnorm.wrap`` and the weight check, each about 0.1-1 s, against
 ~0.15 s for running the whole life cycle once compiled. Every case is a new (layer, dtype, dim), so
@@ -49,7 +55,8 @@ from flax import nnx, serialization
 
 import xnorm
 from xnorm._backends.flax import linen_weight
-from xnorm.spec import LayerKind, Reparametrization, StorageLayout
+from xnorm._backends.flax.spectral import STATE_COLLECTION
+from xnorm.spec import LayerKind, Reparametrization, SpectralNorm, StorageLayout
 
 from ..adapter import Adapter
 from ..cases import LayerCase
@@ -206,16 +213,34 @@ def _canonical(layout: StorageLayout, array) -> np.ndarray:
     return array if array.ndim == 0 else layout.to_canonical(array)
 
 
-def _protocol_parameters(layer: LayerCase, wrapped: bool, values) -> Dict[str, np.ndarray]:
-    """The protocol's ``{g, v[, bias]}`` (wrapped) or ``{weight[, bias]}`` from a layer's own parameter values."""
+def _protocol_parameters(layer: LayerCase, spec: Optional[Reparametrization], values) -> Dict[str, np.ndarray]:
+    """The protocol's spec tensors by neutral name (``{g, v[, bias]}``, ``{original[, bias]}``) for a layer
+    wrapped with ``spec``, or ``{weight[, bias]}`` (``spec`` None), from the layer's own parameter values."""
     layout, name = _layout(layer), _weight_name(layer)
-    if wrapped:
-        out = {"g": _canonical(layout, values[name + "_g"]), "v": _canonical(layout, values[name + "_v"])}
+    if spec is not None:
+        out = {
+            neutral: _canonical(layout, values[framework])
+            for neutral, framework in zip(spec.tensors, spec.tensor_names(name), strict=True)
+        }
     else:
         out = {"weight": _canonical(layout, values[name])}
     if "bias" in values:
         out["bias"] = _to_numpy(values["bias"])
     return out
+
+
+def _wrap_options(spec: Reparametrization) -> dict:
+    """Options of ``xnorm.wrap`` beyond the spec: spectral norm's initial draws need a key (the suite
+    then sets the state to its own values, so which key does not matter)."""
+    return {"rngs": 0} if isinstance(spec, SpectralNorm) else {}
+
+
+def _state_names(handle) -> Dict[str, str]:
+    """The wrapped handle's state entries, neutral name -> framework name (empty without state)."""
+    spec = handle.spec
+    if spec is None:
+        return {}
+    return dict(zip(spec.state, spec.state_names(_weight_name(handle.layer)), strict=True))
 
 
 class _FlaxAdapter(Adapter):
@@ -282,15 +307,25 @@ class _FlaxAdapter(Adapter):
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class LinenHandle:
+    """A linen layer: its module and variables (``params``, and ``batch_stats`` with spectral norm's u, v),
+    the spec it is wrapped with (None when plain) and the optimizer state of its SGD steps."""
+
     layer: LayerCase
     dtype: str
     module: nn.Module
     variables: Any
+    spec: Optional[Reparametrization] = None
     opt_state: Any = None
+
+    @property
+    def stateful(self) -> bool:
+        """Wrapped with a reparametrization that has state: every call says its mode (``update_stats``)."""
+        return self.spec is not None and bool(self.spec.state)
 
 
 class LinenAdapter(_FlaxAdapter):
     name = "flax-linen"
+    reparametrizations = ("weight_norm", "spectral_norm")
 
     def __init__(self) -> None:
         self._compiled: Dict[Any, Any] = {}
@@ -302,15 +337,29 @@ class LinenAdapter(_FlaxAdapter):
         return LinenHandle(layer, dtype, linen_layer(layer, dtype), {"params": params})
 
     def wrap(self, handle: LinenHandle, spec: Reparametrization) -> LinenHandle:
-        module, variables = xnorm.wrap(handle.module, spec, variables=handle.variables)
-        return LinenHandle(handle.layer, handle.dtype, module, variables)
+        module, variables = xnorm.wrap(handle.module, spec, variables=handle.variables, **_wrap_options(spec))
+        return LinenHandle(handle.layer, handle.dtype, module, variables, spec)
 
     def remove(self, handle: LinenHandle) -> LinenHandle:
-        module, variables = xnorm.remove(handle.module, handle.variables)
+        # the protocol's removal is a training-mode use
+        options = {"update_stats": True} if handle.stateful else {}
+        module, variables = xnorm.remove(handle.module, handle.variables, **options)
         return LinenHandle(handle.layer, handle.dtype, module, variables)
 
     def parameters(self, handle: LinenHandle) -> Dict[str, np.ndarray]:
-        return _protocol_parameters(handle.layer, xnorm.is_wrapped(handle.module), handle.variables["params"])
+        return _protocol_parameters(handle.layer, handle.spec, handle.variables["params"])
+
+    def state(self, handle: LinenHandle) -> Dict[str, np.ndarray]:
+        stats = handle.variables.get(STATE_COLLECTION, {})
+        return {key: _to_numpy(stats[name]) for key, name in _state_names(handle).items() if name in stats}
+
+    def set_state(self, handle: LinenHandle, state: Dict[str, np.ndarray]) -> LinenHandle:
+        stats = dict(handle.variables[STATE_COLLECTION])
+        for key, name in _state_names(handle).items():
+            if key in state:
+                stats[name] = jnp.asarray(state[key], dtype=stats[name].dtype)
+        handle.variables = {**handle.variables, STATE_COLLECTION: stats}
+        return handle
 
     def parameter_names(self, handle: LinenHandle) -> List[str]:
         return [
@@ -335,34 +384,54 @@ class LinenAdapter(_FlaxAdapter):
         return self._compiled[key]
 
     def forward(self, handle: LinenHandle, x: np.ndarray, *, training: bool = True) -> np.ndarray:
-        # linen layers have no training mode; both paths run the same compiled function.
-        apply = self._jit(handle, "forward", lambda module: module.apply)
-        y = apply(handle.variables, self._input(handle.layer, x, handle.dtype))
-        return self._output_to_canonical(handle.layer, y)
+        x = self._input(handle.layer, x, handle.dtype)
+        if not handle.stateful:
+            # without state a linen layer has no mode; both paths run the same compiled function.
+            y = self._jit(handle, "forward", lambda module: module.apply)(handle.variables, x)
+        elif training:
+            # a training-mode use: iterates and returns the new state, kept with the handle
+            def make(module):
+                return functools.partial(module.apply, update_stats=True, mutable=[STATE_COLLECTION])
 
-    def _canonical_params(self, handle: LinenHandle, params) -> Dict[str, np.ndarray]:
-        layout = _layout(handle.layer)
-        name = _weight_name(handle.layer)
-        out = {"g": _canonical(layout, params[name + "_g"]), "v": _canonical(layout, params[name + "_v"])}
-        if "bias" in params:
-            out["bias"] = _to_numpy(params["bias"])
-        return out
+            y, updates = self._jit(handle, "forward-training", make)(handle.variables, x)
+            handle.variables = {**handle.variables, **updates}
+        else:
+            make = lambda module: functools.partial(module.apply, update_stats=False)  # noqa: E731
+            y = self._jit(handle, "forward-eval", make)(handle.variables, x)
+        return self._output_to_canonical(handle.layer, y)
 
     def gradients(self, handle: LinenHandle, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
         layer = handle.layer
-
-        def make(module):
-            def grads(params, x, grad_y):
-                _, vjp = jax.vjp(lambda p: module.apply({"params": p}, x), params)
-                return vjp(grad_y)[0]
-
-            return grads
-
         grad_y = self._output_like(layer, grad_output, handle.dtype)
-        grads = self._jit(handle, "gradients", make)(
-            handle.variables["params"], self._input(layer, x, handle.dtype), grad_y
-        )
-        return self._canonical_params(handle, grads)
+        x = self._input(layer, x, handle.dtype)
+        if not handle.stateful:
+
+            def make(module):
+                def grads(params, x, grad_y):
+                    _, vjp = jax.vjp(lambda p: module.apply({"params": p}, x), params)
+                    return vjp(grad_y)[0]
+
+                return grads
+
+            grads = self._jit(handle, "gradients", make)(handle.variables["params"], x, grad_y)
+        else:
+
+            def make(module):
+                def grads(params, stats, x, grad_y):
+                    def training_call(p):
+                        variables = {"params": p, STATE_COLLECTION: stats}
+                        return module.apply(variables, x, update_stats=True, mutable=[STATE_COLLECTION])
+
+                    _, vjp, updates = jax.vjp(training_call, params, has_aux=True)
+                    return vjp(grad_y)[0], updates
+
+                return grads
+
+            grads, updates = self._jit(handle, "gradients", make)(
+                handle.variables["params"], handle.variables[STATE_COLLECTION], x, grad_y
+            )
+            handle.variables = {**handle.variables, **updates}
+        return _protocol_parameters(layer, handle.spec, grads)
 
     def sgd_step(self, handle: LinenHandle, x: np.ndarray, target: np.ndarray, lr: float) -> LinenHandle:
         layer = handle.layer
@@ -370,32 +439,52 @@ class LinenAdapter(_FlaxAdapter):
         if handle.opt_state is None:
             handle.opt_state = tx.init(handle.variables["params"])
 
-        def make(module):
-            def step(params, opt_state, x, target):
-                def loss(p):
-                    y = module.apply({"params": p}, x)
-                    return 0.5 * jnp.mean((y - target) ** 2)
+        x = self._input(layer, x, handle.dtype)
+        target = self._output_like(layer, target, handle.dtype)
+        if not handle.stateful:
 
-                grads = jax.grad(loss)(params)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state
+            def make(module):
+                def step(params, opt_state, x, target):
+                    def loss(p):
+                        y = module.apply({"params": p}, x)
+                        return 0.5 * jnp.mean((y - target) ** 2)
 
-            return step
+                    grads = jax.grad(loss)(params)
+                    updates, opt_state = tx.update(grads, opt_state, params)
+                    return optax.apply_updates(params, updates), opt_state
 
-        params, opt_state = self._jit(handle, ("sgd", lr), make)(
-            handle.variables["params"],
-            handle.opt_state,
-            self._input(layer, x, handle.dtype),
-            self._output_like(layer, target, handle.dtype),
-        )
-        handle.variables = {**handle.variables, "params": params}
+                return step
+
+            params, opt_state = self._jit(handle, ("sgd", lr), make)(
+                handle.variables["params"], handle.opt_state, x, target
+            )
+            handle.variables = {**handle.variables, "params": params}
+        else:
+
+            def make(module):
+                def step(params, stats, opt_state, x, target):
+                    def loss(p):
+                        variables = {"params": p, STATE_COLLECTION: stats}
+                        y, state = module.apply(variables, x, update_stats=True, mutable=[STATE_COLLECTION])
+                        return 0.5 * jnp.mean((y - target) ** 2), state
+
+                    grads, state = jax.grad(loss, has_aux=True)(params)
+                    updates, opt_state = tx.update(grads, opt_state, params)
+                    return optax.apply_updates(params, updates), state, opt_state
+
+                return step
+
+            params, state, opt_state = self._jit(handle, ("sgd", lr), make)(
+                handle.variables["params"], handle.variables[STATE_COLLECTION], handle.opt_state, x, target
+            )
+            handle.variables = {**handle.variables, "params": params, **state}
         handle.opt_state = opt_state
         return handle
 
     def state_roundtrip(self, handle: LinenHandle, fresh: LinenHandle) -> LinenHandle:
         data = serialization.to_bytes(handle.variables)
         variables = serialization.from_bytes(fresh.variables, data)
-        return LinenHandle(fresh.layer, fresh.dtype, fresh.module, variables)
+        return LinenHandle(fresh.layer, fresh.dtype, fresh.module, variables, fresh.spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,9 +492,12 @@ class LinenAdapter(_FlaxAdapter):
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class NNXHandle:
+    """An NNX layer, the spec it is wrapped with (None when plain) and the optimizer of its SGD steps."""
+
     layer: LayerCase
     dtype: str
     module: nnx.Module
+    spec: Optional[Reparametrization] = None
     optimizer: Any = None
 
 
@@ -429,6 +521,7 @@ def _nnx_sgd(module, optimizer, x, target):
 
 class NNXAdapter(_FlaxAdapter):
     name = "flax-nnx"
+    reparametrizations = ("weight_norm", "spectral_norm")
 
     def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> NNXHandle:
         module = nnx_layer(layer, dtype)
@@ -438,14 +531,30 @@ class NNXAdapter(_FlaxAdapter):
         return NNXHandle(layer, dtype, module)
 
     def wrap(self, handle: NNXHandle, spec: Reparametrization) -> NNXHandle:
-        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, spec))
+        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, spec, **_wrap_options(spec)), spec)
 
     def remove(self, handle: NNXHandle) -> NNXHandle:
+        # the module is in training mode (forward restores it), so spectral norm iterates once more
         return NNXHandle(handle.layer, handle.dtype, xnorm.remove(handle.module))
 
     def _params(self, handle: NNXHandle, state) -> Dict[str, np.ndarray]:
         values = {key: state[key].get_value() for key in state}
-        return _protocol_parameters(handle.layer, xnorm.is_wrapped(handle.module), values)
+        return _protocol_parameters(handle.layer, handle.spec, values)
+
+    def state(self, handle: NNXHandle) -> Dict[str, np.ndarray]:
+        module = handle.module
+        return {
+            key: _to_numpy(getattr(module, name).get_value())
+            for key, name in _state_names(handle).items()
+            if hasattr(module, name)
+        }
+
+    def set_state(self, handle: NNXHandle, state: Dict[str, np.ndarray]) -> NNXHandle:
+        for key, name in _state_names(handle).items():
+            if key in state:
+                variable = getattr(handle.module, name)
+                variable.set_value(jnp.asarray(state[key], dtype=variable.get_value().dtype))
+        return handle
 
     def parameters(self, handle: NNXHandle) -> Dict[str, np.ndarray]:
         return self._params(handle, nnx.state(handle.module, nnx.Param))
@@ -456,7 +565,7 @@ class NNXAdapter(_FlaxAdapter):
     def weight(self, handle: NNXHandle) -> np.ndarray:
         layout = _layout(handle.layer)
         if xnorm.is_wrapped(handle.module):
-            return _canonical(layout, handle.module.weight())
+            return _canonical(layout, handle.module.weight())  # spectral norm: eval mode, the state unchanged
         return _canonical(layout, getattr(handle.module, _weight_name(handle.layer)).get_value())
 
     def forward(self, handle: NNXHandle, x: np.ndarray, *, training: bool = True) -> np.ndarray:
@@ -504,16 +613,20 @@ class LinenFusedAdapter(LinenAdapter):
     """``flax-linen`` with ``xnorm.wrap(..., fused=True)`` (backends/flax/fused.py)."""
 
     name = "flax-linen-fused"
+    reparametrizations = ("weight_norm",)
+    reparametrization_reasons = {"spectral_norm": "fused=True is a weight-norm path; spectral norm has none"}
 
     def wrap(self, handle: LinenHandle, spec: Reparametrization) -> LinenHandle:
         module, variables = xnorm.wrap(handle.module, spec, variables=handle.variables, fused=True)
-        return LinenHandle(handle.layer, handle.dtype, module, variables)
+        return LinenHandle(handle.layer, handle.dtype, module, variables, spec)
 
 
 class NNXFusedAdapter(NNXAdapter):
     """``flax-nnx`` with ``xnorm.wrap(..., fused=True)`` (backends/flax/fused.py)."""
 
     name = "flax-nnx-fused"
+    reparametrizations = ("weight_norm",)
+    reparametrization_reasons = {"spectral_norm": "fused=True is a weight-norm path; spectral norm has none"}
 
     def wrap(self, handle: NNXHandle, spec: Reparametrization) -> NNXHandle:
-        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, spec, fused=True))
+        return NNXHandle(handle.layer, handle.dtype, xnorm.wrap(handle.module, spec, fused=True), spec)

@@ -694,7 +694,7 @@ def test_a_weight_norm_target_for_a_plain_source(target):
     with pytest.raises(ConversionError) as error:
         xnorm.convert(plain.state_dict(), to="flax", like=target, load=True)
     message = str(error.value)
-    assert "c1/kernel_g" in message and "c1.weight (8, 2, 3)" in message and "xnorm.wrap" in message
+    assert "c1/kernel_g" in message and "c1.weight (8, 2, 3)" in message and "xnorm.weight_norm" in message
 
 
 def _write_then(tmp_path, name, mutate):
