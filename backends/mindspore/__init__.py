@@ -1,4 +1,4 @@
-"""MindSpore backend: weight normalization as a Cell that computes ``w`` in its own ``construct``.
+"""MindSpore backend: weight normalization (spectral normalization: :mod:`.spectral`) computed in ``construct``.
 
 ``xnorm.wrap(layer, backend="mindspore", dim=0)`` returns a :class:`WeightNormCell` around a
 ``mindspore.nn`` layer. On every call the wrapper computes ::
@@ -35,6 +35,12 @@ Precision
     float64, no bfloat16) and MatMul in float16/float32/float64; those limits are MindSpore's, not the
     wrapper's.
 
+Spectral normalization
+    ``xnorm.wrap(layer, xnorm.SpectralNorm(...))`` returns a
+    :class:`~xnorm._backends.mindspore.spectral.SpectralNormCell` (``spectral.py``): the same
+    :class:`ReparametrizedCell` machinery (layer held outside the Cell tree, the layer's primitive run on
+    ``w``, ``remove``), with ``w = W / sigma`` and the power-iteration state ``<name>_u``/``<name>_v``.
+
 Fused path
     ``xnorm.wrap(layer, fused=True)`` returns a :class:`~xnorm._backends.mindspore.fused.FusedWeightNormCell`
     (same parameters, checkpoints, ``remove`` and errors) whose construct runs the primitive on ``v`` and
@@ -69,9 +75,9 @@ from xnorm.errors import (
     UnsupportedLayerError,
 )
 from xnorm.registry import Backend
-from xnorm.spec import LayerKind, StorageLayout, WeightNorm, check_floating
+from xnorm.spec import LayerKind, Reparametrization, SpectralNorm, StorageLayout, WeightNorm, check_floating
 
-__all__ = ["MindSporeBackend", "WeightNormCell", "SUPPORTED_LAYERS"]
+__all__ = ["MindSporeBackend", "ReparametrizedCell", "WeightNormCell", "SUPPORTED_LAYERS"]
 
 #: Layer class -> (canonical kind, name of its weight parameter). Exact classes only: a subclass may
 #: override ``construct``, and the wrapper reproduces the construct of these classes, nothing else.
@@ -145,92 +151,67 @@ def _transpose_output_length(is_valid, is_same, is_pad, size, kernel, stride, di
     return 0
 
 
-class WeightNormCell(nn.Cell):
-    """A MindSpore layer whose weight is reparametrized as ``w = v * (g / ||v||)``.
+class ReparametrizedCell(nn.Cell):
+    """What every xnorm wrapper shares, whatever its reparametrization: a MindSpore layer whose parameter
+    ``wrapped_name`` is computed in ``construct`` (by :meth:`_weight`) and passed to the layer's own primitive.
 
-    Built by :func:`xnorm.wrap`; not meant to be constructed directly.
+    Not built directly: :class:`WeightNormCell`, :class:`~xnorm._backends.mindspore.spectral.SpectralNormCell`
+    and :class:`~xnorm._backends.mindspore.fused.FusedWeightNormCell` are. A subclass sets its own
+    parameters first, then calls :meth:`_adopt_layer`, and implements :meth:`_weight` (differentiable,
+    storage layout, the weight's dtype), and lists its own parameters in ``own_parameter_names``.
 
-    Parameters (trainable, in this order): ``<name>_g`` with the weight's stored shape reduced to 1 on
-    every axis but ``dim`` (0-d when ``dim`` is None), ``<name>_v`` with the weight's stored shape, then
-    the layer's other parameters under their own names. Child Cells of the layer (a Dense
-    ``activation``) become children of the wrapper under the same names.
-
-    Inputs and outputs are those of the wrapped layer.
+    The wrapped layer is held as a plain attribute, outside the Cell tree, so its stale ``<name>`` is not
+    a parameter of the wrapper and is not saved. The layer's other parameters (``bias``), the
+    primitives and constants its construct reads, and its child Cells (a Dense ``activation``) become the
+    wrapper's under the same names.
 
     Attributes:
         wrapped_name: the name of the reparametrized parameter (``"weight"``, ``"embedding_table"``).
-        dim: the canonical ``dim`` after :func:`xnorm.spec.normalize_dim` (None: whole tensor).
-        storage_dim: the same axis in MindSpore's storage layout.
-        eps: None or the value added to the sum of squares.
         kind: the canonical layer kind (:class:`xnorm.spec.LayerKind`).
+        own_parameter_names: the wrapper's own parameters (trainable tensors, then state), the ones
+            ``remove`` replaces by ``<name>``.
     """
 
-    def __init__(self, layer: nn.Cell, kind: str, name: str, spec: WeightNorm, g: Tensor, v: Tensor,
-                 dim: Optional[int], storage_dim: Optional[int], axes: Tuple[int, ...]):
+    own_parameter_names: Tuple[str, ...] = ()
+
+    def __init__(self, layer: nn.Cell, kind: str, name: str):
         super().__init__()
         # A plain attribute, not a child Cell: the layer's own ``weight`` must stay out of
         # parameters_and_names(), checkpoints and the compiled graph.
         object.__setattr__(self, "_xnorm_layer", layer)
         self.wrapped_name = name
-        self.dim = dim
-        self.storage_dim = storage_dim
-        self.eps = spec.eps
         self.kind = kind
-        self._axes = axes
-        self._sum_squares = ops.ReduceSum(keep_dims=storage_dim is not None)
-        self._weight_dtype = v.dtype
-        self._compute_dtype = mindspore.float32 if _dtype_name(v.dtype) in ("float16", "bfloat16") else v.dtype
-        self._low_precision = self._compute_dtype != v.dtype
-        self._g_name = name + "_g"
-        self._v_name = name + "_v"
         self._weight_attr = SUPPORTED_LAYERS[type(layer)][1]
 
-        weight_param = getattr(layer, name)
-        requires_grad = weight_param.requires_grad
-        setattr(self, self._g_name, Parameter(g, name=self._g_name, requires_grad=requires_grad))
-        setattr(self, self._v_name, Parameter(v, name=self._v_name, requires_grad=requires_grad))
+    def _adopt_layer(self, layer: nn.Cell) -> None:
+        """Take over the layer's other parameters, primitives, constants and child Cells; called by a
+        subclass once its own parameters are set, so that they come first."""
         for param_name, param in list(layer._params.items()):
-            if param_name != name and param is not None:
+            if param_name != self.wrapped_name and param is not None:
                 setattr(self, param_name, param)
         if "bias" not in self._params:
             # Layers built with has_bias=False keep ``bias = None`` as a plain attribute.
             object.__setattr__(self, "bias", getattr(layer, "bias", None))
-        for attr in _LAYER_ATTRIBUTES[kind]:
+        for attr in _LAYER_ATTRIBUTES[self.kind]:
             if hasattr(layer, attr):  # Dense(has_bias=False) has no bias_add, for one
                 setattr(self, attr, getattr(layer, attr))
         for child_name, child in list(layer._cells.items()):
             if child is not None:
                 setattr(self, child_name, child)
-        if kind == LayerKind.LINEAR and not isinstance(getattr(layer, "activation", None), nn.Cell):
+        if self.kind == LayerKind.LINEAR and not isinstance(getattr(layer, "activation", None), nn.Cell):
             # A Primitive (or None) activation is not a child Cell; keep it as a constant attribute.
             object.__setattr__(self, "activation", getattr(layer, "activation", None))
         # Names relative to the wrapper (the layer may have carried a prefix from an earlier parent).
         self.update_parameters_name("")
 
-    # -- the reparametrization ---------------------------------------------------------------------
-    def _g_v_and_scale(self):
-        """``(v, s)`` in the compute dtype (float32 for float16/bfloat16 weights): ``s = g / ||v||``, g's shape.
-
-        The one place the norm is computed: the default path multiplies v by s, the fused path
-        (:mod:`.fused`) applies s to the layer's output or input instead.
-        """
-        g = getattr(self, self._g_name)
-        v = getattr(self, self._v_name)
-        if self._low_precision:
-            g = ops.cast(g, self._compute_dtype)
-            v = ops.cast(v, self._compute_dtype)
-        squares = self._sum_squares(v * v, self._axes)
-        if self.eps is not None:
-            squares = squares + self.eps
-        return v, g / ops.sqrt(squares)
-
+    # -- the reparametrization (subclasses) ----------------------------------------------------------
     def _weight(self):
-        """``w`` in the weight's dtype and storage layout, differentiable with respect to g and v."""
-        v, s = self._g_v_and_scale()
-        w = v * s
-        if self._low_precision:
-            w = ops.cast(w, self._weight_dtype)
-        return w
+        """``w`` in the weight's dtype and storage layout, differentiable with respect to the tensors."""
+        raise NotImplementedError
+
+    def _weight_for_removal(self) -> Tensor:
+        """The ``w`` :func:`xnorm.remove` puts back on the layer (the subclass may first update its state)."""
+        return self.compute_weight()
 
     def construct(self, *inputs):
         w = self._weight()
@@ -347,8 +328,72 @@ class WeightNormCell(nn.Cell):
         return self._xnorm_layer
 
     def compute_weight(self) -> Tensor:
-        """``w`` as the next forward computes it (storage layout, the weight's dtype)."""
+        """``w`` as an eval-mode forward computes it (storage layout, the weight's dtype)."""
         return self._weight()
+
+
+class WeightNormCell(ReparametrizedCell):
+    """A MindSpore layer whose weight is reparametrized as ``w = v * (g / ||v||)``.
+
+    Built by :func:`xnorm.wrap`; not meant to be constructed directly.
+
+    Parameters (trainable, in this order): ``<name>_g`` with the weight's stored shape reduced to 1 on
+    every axis but ``dim`` (0-d when ``dim`` is None), ``<name>_v`` with the weight's stored shape, then
+    the layer's other parameters under their own names. Child Cells of the layer (a Dense
+    ``activation``) become children of the wrapper under the same names (:class:`ReparametrizedCell`).
+
+    Inputs and outputs are those of the wrapped layer.
+
+    Attributes (in addition to :class:`ReparametrizedCell`'s):
+        dim: the canonical ``dim`` after :func:`xnorm.spec.normalize_dim` (None: whole tensor).
+        storage_dim: the same axis in MindSpore's storage layout.
+        eps: None or the value added to the sum of squares.
+    """
+
+    def __init__(self, layer: nn.Cell, kind: str, name: str, spec: WeightNorm, g: Tensor, v: Tensor,
+                 dim: Optional[int], storage_dim: Optional[int], axes: Tuple[int, ...]):
+        super().__init__(layer, kind, name)
+        self.dim = dim
+        self.storage_dim = storage_dim
+        self.eps = spec.eps
+        self._axes = axes
+        self._sum_squares = ops.ReduceSum(keep_dims=storage_dim is not None)
+        self._weight_dtype = v.dtype
+        self._compute_dtype = mindspore.float32 if _dtype_name(v.dtype) in ("float16", "bfloat16") else v.dtype
+        self._low_precision = self._compute_dtype != v.dtype
+        self._g_name = name + "_g"
+        self._v_name = name + "_v"
+        self.own_parameter_names = (self._g_name, self._v_name)
+
+        requires_grad = getattr(layer, name).requires_grad
+        setattr(self, self._g_name, Parameter(g, name=self._g_name, requires_grad=requires_grad))
+        setattr(self, self._v_name, Parameter(v, name=self._v_name, requires_grad=requires_grad))
+        self._adopt_layer(layer)
+
+    # -- the reparametrization ---------------------------------------------------------------------
+    def _g_v_and_scale(self):
+        """``(v, s)`` in the compute dtype (float32 for float16/bfloat16 weights): ``s = g / ||v||``, g's shape.
+
+        The one place the norm is computed: the default path multiplies v by s, the fused path
+        (:mod:`.fused`) applies s to the layer's output or input instead.
+        """
+        g = getattr(self, self._g_name)
+        v = getattr(self, self._v_name)
+        if self._low_precision:
+            g = ops.cast(g, self._compute_dtype)
+            v = ops.cast(v, self._compute_dtype)
+        squares = self._sum_squares(v * v, self._axes)
+        if self.eps is not None:
+            squares = squares + self.eps
+        return v, g / ops.sqrt(squares)
+
+    def _weight(self):
+        """``w`` in the weight's dtype and storage layout, differentiable with respect to g and v."""
+        v, s = self._g_v_and_scale()
+        w = v * s
+        if self._low_precision:
+            w = ops.cast(w, self._weight_dtype)
+        return w
 
     def extend_repr(self) -> str:
         return (f"layer={type(self._xnorm_layer).__name__}, name={self.wrapped_name!r}, dim={self.dim}, "
@@ -378,36 +423,43 @@ class MindSporeBackend(Backend):
         return isinstance(obj, nn.Cell)
 
     def is_wrapped(self, obj: Any) -> bool:
-        """True when ``obj`` is a :class:`WeightNormCell`; a model containing one is not itself wrapped."""
-        return isinstance(obj, WeightNormCell)
+        """True when ``obj`` is an xnorm wrapper (:class:`ReparametrizedCell`: weight norm, fused or not, or
+        spectral norm); a model containing one is not itself wrapped."""
+        return isinstance(obj, ReparametrizedCell)
 
     # -- wrap ----------------------------------------------------------------------------------------
-    def wrap(self, layer: Any, spec: WeightNorm, *, name: Optional[str], **options: Any) -> WeightNormCell:
-        """Return a :class:`WeightNormCell` around ``layer``; ``layer`` itself is not modified.
+    def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str], **options: Any) -> ReparametrizedCell:
+        """Return a :class:`WeightNormCell` or a :class:`~xnorm._backends.mindspore.spectral.SpectralNormCell`
+        around ``layer``; ``layer`` itself is not modified.
 
         Args:
             layer: one of :data:`SUPPORTED_LAYERS` (exact class), any pad_mode, group and bias setting.
-            spec: the :class:`xnorm.spec.WeightNorm` (``dim`` in the canonical layout, ``eps``).
+            spec: a :class:`xnorm.spec.WeightNorm` (``dim`` in the canonical layout, ``eps``) or a
+                :class:`xnorm.spec.SpectralNorm` (``dim=None`` is 1 for the ConvTranspose layers, else 0;
+                its state is drawn from NumPy's global RNG, see :mod:`.spectral`).
             name: the parameter to reparametrize; None means the layer's weight (``"weight"``, or
                 ``"embedding_table"`` for an Embedding). Another floating parameter (``"bias"``) may be
                 named; its canonical layout is its own.
             **options: ``fused=True`` (from ``xnorm.wrap(..., fused=True)``) returns a
                 :class:`~xnorm._backends.mindspore.fused.FusedWeightNormCell`, which scales the layer's
                 output or input by ``g / ||v||`` instead of building ``w`` where the algebra allows it
-                (same parameters, checkpoints and ``remove``); no other option is accepted.
+                (same parameters, checkpoints and ``remove``); weight norm only. No other option is accepted.
 
         Raises:
-            OptionError: an unknown keyword option, or ``fused`` that is not a bool.
+            OptionError: an unknown keyword option, ``fused`` that is not a bool, or ``fused=True`` with
+                spectral norm.
             BackendDetectionError: ``layer`` is not a ``mindspore.nn.Cell``.
-            AlreadyWrappedError: ``layer`` is a :class:`WeightNormCell`.
-            UnsupportedLayerError: ``layer``'s class is not in :data:`SUPPORTED_LAYERS` (the message lists them).
+            AlreadyWrappedError: ``layer`` is an xnorm wrapper (:class:`ReparametrizedCell`), of any kind.
+            UnsupportedLayerError: ``spec`` is neither WeightNorm nor SpectralNorm, or ``layer``'s class is
+                not in :data:`SUPPORTED_LAYERS` (the message lists them).
             MissingParameterError: ``layer`` has no parameter ``name`` (or it is None, as a missing bias).
             NonFloatingParameterError: the parameter's dtype is not float16/bfloat16/float32/float64.
             DimError: ``dim`` is not None or an int within the canonical rank.
         """
-        if not isinstance(spec, WeightNorm):
+        if not isinstance(spec, (WeightNorm, SpectralNorm)):
             raise UnsupportedLayerError(
-                f"the mindspore backend does not implement {type(spec).__name__} yet; it implements WeightNorm."
+                f"the mindspore backend does not implement {type(spec).__name__}; it implements WeightNorm and "
+                "SpectralNorm."
             )
         fused = options.pop("fused", False)
         if options:
@@ -417,16 +469,21 @@ class MindSporeBackend(Backend):
             )
         if not isinstance(fused, bool):
             raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
+        if fused and not isinstance(spec, WeightNorm):
+            raise OptionError(
+                f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path. Drop fused=True."
+            )
         if not isinstance(layer, nn.Cell):
             raise BackendDetectionError(
                 f"the mindspore backend wraps mindspore.nn.Cell layers, got an object of type "
                 f"{type(layer).__module__}.{type(layer).__qualname__}. Pass one of: {_supported_list()}."
             )
-        if isinstance(layer, WeightNormCell):
+        if isinstance(layer, ReparametrizedCell):
+            what = "spectral-normalized" if type(layer).__name__ == "SpectralNormCell" else "weight-normalized"
             raise AlreadyWrappedError(
-                f"this {type(layer.layer).__name__} is already weight-normalized (its parameter "
-                f"{layer.wrapped_name!r} is held as {layer._g_name!r} and {layer._v_name!r}). "
-                "Call xnorm.remove on it first to wrap it again with other settings."
+                f"this {type(layer.layer).__name__} is already {what} by xnorm (its parameter "
+                f"{layer.wrapped_name!r} is held as {', '.join(map(repr, layer.own_parameter_names))}). "
+                "Call xnorm.remove on it first to wrap it again, with the same or another reparametrization."
             )
         if type(layer) not in SUPPORTED_LAYERS:
             raise UnsupportedLayerError(
@@ -450,6 +507,10 @@ class MindSporeBackend(Backend):
         else:
             kind_for_dim = kind
         layout = _storage_layout(kind_for_dim, len(param.shape))
+        if isinstance(spec, SpectralNorm):
+            from .spectral import wrap_spectral  # imported on first use, as fused: it imports this module
+
+            return wrap_spectral(layer, kind, kind_for_dim, name, spec, layout)
         dim = spec.resolved_dim(layout.canonical_ndim)  # raises DimError before anything changes
         storage_dim = layout.storage_dim(dim)
         axes = layout.storage_reduction_axes(dim) if dim is not None else tuple(range(len(param.shape)))
@@ -466,9 +527,12 @@ class MindSporeBackend(Backend):
     def remove(self, obj: Any, *args: Any) -> Any:
         """Undo :meth:`wrap`.
 
-        * ``obj`` is a :class:`WeightNormCell`: returns the original layer object, of its original class,
-          whose ``<name>`` is a new Parameter holding ``w`` (dtype and storage shape of the old weight)
-          and whose other parameters are the wrapper's (trained values included).
+        * ``obj`` is a wrapper (:class:`ReparametrizedCell`): returns the original layer object, of its
+          original class, whose ``<name>`` is a new Parameter holding ``w`` (dtype and storage shape of the
+          old weight) and whose other parameters are the wrapper's (trained values included). A spectral
+          norm wrapper in training mode first runs its power iterations, as a training-mode forward would
+          (:meth:`~xnorm._backends.mindspore.spectral.SpectralNormCell.compute_weight`); in eval mode it
+          does not.
         * ``obj`` is a Cell containing wrappers: each is replaced in its parent by its plain layer, in
           place, parameter names keep their full prefix, and ``obj`` and every Cell in it are made to
           recompile on their next call; returns ``obj``.
@@ -479,18 +543,18 @@ class MindSporeBackend(Backend):
         """
         if args:
             raise OptionError(f"the mindspore backend's remove takes no extra arguments, got {len(args)}.")
-        if isinstance(obj, WeightNormCell):
+        if isinstance(obj, ReparametrizedCell):
             plain = _unwrap(obj)
             _force_recompile(plain)
             return plain
         if not isinstance(obj, nn.Cell):
             raise _not_wrapped(obj)
-        found: List[Tuple[nn.Cell, str, WeightNormCell]] = []
+        found: List[Tuple[nn.Cell, str, ReparametrizedCell]] = []
         for _, parent in obj.cells_and_names():
-            if isinstance(parent, WeightNormCell):
+            if isinstance(parent, ReparametrizedCell):
                 continue  # a wrapper's children (a Dense activation) cannot hold wrappers of interest
             for key, child in parent._cells.items():
-                if isinstance(child, WeightNormCell):
+                if isinstance(child, ReparametrizedCell):
                     found.append((parent, key, child))
         if not found:
             raise _not_wrapped(obj)
@@ -517,21 +581,22 @@ def _initial_g(v: Tensor, axes: Tuple[int, ...], *, keep_dims: bool, eps: Option
     return ops.cast(ops.sqrt(squares), v.dtype)
 
 
-def _unwrap(wrapper: WeightNormCell) -> nn.Cell:
-    """Put ``w`` and the wrapper's other parameters back on the layer; names keep the wrapper's prefix."""
+def _unwrap(wrapper: ReparametrizedCell) -> nn.Cell:
+    """Put ``w`` and the wrapper's other parameters back on the layer; names keep the wrapper's prefix, and
+    the layer takes the wrapper's training flag (the mode its parent set)."""
     layer = wrapper.layer
-    g_param = getattr(wrapper, wrapper._g_name)
-    prefix = g_param.name[: len(g_param.name) - len(wrapper._g_name)]
-    w = wrapper.compute_weight()
+    first = getattr(wrapper, wrapper.own_parameter_names[0])
+    prefix = first.name[: len(first.name) - len(wrapper.own_parameter_names[0])]
+    w = wrapper._weight_for_removal()
     old = layer._params[wrapper.wrapped_name]
-    requires_grad = getattr(wrapper, wrapper._v_name).requires_grad
-    layer._params[wrapper.wrapped_name] = Parameter(w, name=wrapper.wrapped_name, requires_grad=requires_grad)
+    layer._params[wrapper.wrapped_name] = Parameter(w, name=wrapper.wrapped_name, requires_grad=first.requires_grad)
     del old
     for param_name, param in wrapper._params.items():
-        if param_name not in (wrapper._g_name, wrapper._v_name) and param is not None:
+        if param_name not in wrapper.own_parameter_names and param is not None:
             layer._params[param_name] = param
     for child_name, child in wrapper._cells.items():
         if child is not None:
             layer._cells[child_name] = child
     layer.update_parameters_name(prefix)
+    layer.set_train(wrapper.training)
     return layer

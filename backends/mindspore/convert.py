@@ -17,8 +17,9 @@ Layer kinds
     ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, or a subclass of one of them (its base's
     ``__init__`` creates the parameters; one that stores them differently fails the shape check). Any
     other Cell is generic: its parameters keep their names and layout. A
-    :class:`~xnorm._backends.mindspore.WeightNormCell` (or its fused subclass) has its wrapped layer's
-    kind and the parameters ``<name>_g``, ``<name>_v`` plus the layer's others. ``BatchNorm3d`` keeps
+    an xnorm wrapper (:class:`~xnorm._backends.mindspore.ReparametrizedCell`: weight norm, fused or not,
+    and spectral norm) has its wrapped layer's kind and its own parameters (``<name>_g``, ``<name>_v``;
+    ``<name>_orig``, ``<name>_u``, ``<name>_v``) plus the layer's others. ``BatchNorm3d`` keeps
     its parameters in an inner ``bn2d`` Cell (``bn.bn2d.gamma``); they are paired with torch's
     ``bn.weight``.
 """
@@ -47,7 +48,7 @@ from xnorm.porting import (
 )
 from xnorm.spec import LayerKind
 
-from . import WeightNormCell
+from . import ReparametrizedCell
 
 #: Exact Cell class -> layer kind (:class:`xnorm.spec.LayerKind` values and xnorm.porting's norm kinds).
 _KINDS: Dict[type, str] = {
@@ -164,13 +165,13 @@ def read(source: Any) -> Dict[str, ArrayRef]:
 
 
 def _kind(cell: nn.Cell) -> str:
-    layer = cell.layer if isinstance(cell, WeightNormCell) else cell
+    layer = cell.layer if isinstance(cell, ReparametrizedCell) else cell
     for cls in type(layer).__mro__:
         # A subclass takes its nearest supported base's kind: the base's __init__ creates the parameters,
         # and a subclass storing them otherwise fails the plan's shape check rather than converting wrongly.
         if cls in _KINDS:
             return _KINDS[cls]
-    return cell.kind if isinstance(cell, WeightNormCell) else LayerKind.GENERIC
+    return cell.kind if isinstance(cell, ReparametrizedCell) else LayerKind.GENERIC
 
 
 def describe(like: nn.Cell) -> List[LayerInfo]:

@@ -20,7 +20,13 @@ dtypes on the CPU (MindSpore 2.10)
     MatMul and every convolution kernel reject it on the CPU. float16 runs but is not offered either:
     MindSpore's CPU float16 convolutions miss the float16 row of the tolerance table already for the
     plain, unwrapped layer (about 5x the allowed error on conv2d), so that row needs measuring first;
-    tests/mindspore/test_float16.py checks the wrapper's float16 arithmetic against the spec.
+    tests/mindspore/test_float16.py and test_spectral.py check the wrappers' float16 arithmetic against
+    the spec.
+
+Reparametrizations
+    Weight norm in every adapter; spectral norm in GRAPH_MODE and PYNATIVE_MODE (the fused adapter
+    reports its cases not run: fused is a weight-norm path). Spectral norm's state u, v is read as copies
+    and written in place (:func:`_assign`), where the compiled graphs read it.
 
 Devices
     "cpu" always; "gpu"/"ascend" when MindSpore's package supports them here. MindSpore fixes its
@@ -41,7 +47,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 import xnorm
-from xnorm._backends.mindspore import WeightNormCell, _dtype_name, _storage_layout
+from xnorm._backends.mindspore import ReparametrizedCell, WeightNormCell, _dtype_name, _storage_layout
+from xnorm._backends.mindspore.spectral import SpectralNormCell
 from xnorm.spec import LayerKind, Reparametrization, StorageLayout
 
 from ..adapter import Adapter
@@ -141,9 +148,11 @@ def _tensor(array: np.ndarray, dtype: str) -> Tensor:
 
 
 def _to_numpy(tensor) -> np.ndarray:
+    """A float64 copy: ``asnumpy()`` of a float64 Parameter is a view of its memory, which a later
+    training-mode call (spectral norm's state) or optimizer step overwrites in place."""
     if tensor.dtype in (mindspore.float16, mindspore.bfloat16):
         tensor = tensor.astype(mindspore.float32)
-    return np.asarray(tensor.asnumpy(), dtype=np.float64)
+    return np.array(tensor.asnumpy(), dtype=np.float64, copy=True)
 
 
 def _canonical(array: np.ndarray, layout: StorageLayout) -> np.ndarray:
@@ -231,6 +240,7 @@ class _MindSporeAdapter(Adapter):
     """
 
     backend = "mindspore"
+    reparametrizations = ("weight_norm", "spectral_norm")
     dtypes = ("float32", "float64")
     dtype_reasons = {
         "bfloat16": "MindSpore 2.10's CPU MatMul and convolution kernels reject bfloat16",
@@ -314,10 +324,13 @@ class _MindSporeAdapter(Adapter):
         return self.mode == mindspore.GRAPH_MODE
 
     def wrap(self, handle: nn.Cell, spec: Reparametrization) -> nn.Cell:
-        """``xnorm.wrap(handle, spec)``. In GRAPH_MODE, when xnorm.wrap made a wrapper of this very layer
-        with the same structure in an earlier case (``dim=-2`` and ``dim=0`` of a Linear, ``dim=-1`` and
-        ``dim=None``), that wrapper is returned instead, holding the values the new one was created
-        with (g, v and the rest, copied exactly) and with its optimizer back in its initial state."""
+        """``xnorm.wrap(handle, spec)`` (a spectral-norm wrapper starts in training mode, as the protocol's
+        wraps are). In GRAPH_MODE, when xnorm.wrap made a wrapper of this very layer with the same
+        structure in an earlier case (``dim=-2`` and ``dim=0`` of a Linear, ``dim=-1`` and ``dim=None``;
+        spectral norm's ``dim=None`` and its resolved value), that wrapper is returned instead, holding the
+        values the new one was created with (every parameter, spectral norm's state included, copied
+        exactly) and with its optimizer back in its initial state. A weight-norm and a spectral-norm
+        wrapper never share a structure: the class is part of it."""
         wrapped = xnorm.wrap(handle, spec, fused=self.fused)
         self._layouts[wrapped] = self._layouts[handle]
         if not self._reuse or handle not in self._layer_keys:
@@ -348,8 +361,12 @@ class _MindSporeAdapter(Adapter):
 
     # -- observation ------------------------------------------------------------------------------
     def _tensors(self, handle: nn.Cell) -> Dict[str, Parameter]:
+        """The trainable parameters by the protocol's neutral names (``spec.tensors``, ``"bias"``; ``"weight"``
+        for a plain layer), in MindSpore's storage layout."""
         if isinstance(handle, WeightNormCell):
             out = {"g": getattr(handle, handle.wrapped_name + "_g"), "v": getattr(handle, handle.wrapped_name + "_v")}
+        elif isinstance(handle, SpectralNormCell):
+            out = {"original": getattr(handle, handle.wrapped_name + "_orig")}
         elif isinstance(handle, nn.Embedding):
             out = {"weight": handle.embedding_table}
         else:
@@ -366,19 +383,37 @@ class _MindSporeAdapter(Adapter):
             out[key] = value if key == "bias" else _canonical(value, layout)
         return out
 
+    def _weight_dtype(self, handle: nn.Cell):
+        """The dtype of the layer's weight: inputs, dL/dy and targets are given in it."""
+        tensors = self._tensors(handle)
+        return tensors["weight"].dtype if "weight" in tensors else next(iter(tensors.values())).dtype
+
+    def state(self, handle: nn.Cell) -> Dict[str, np.ndarray]:
+        """Spectral norm's ``{"u", "v"}`` (1-D: the same in every layout), copied; ``{}`` otherwise."""
+        if not isinstance(handle, SpectralNormCell) or handle.matrix_shape is None:
+            return {}
+        return {key: _to_numpy(getattr(handle, f"{handle.wrapped_name}_{key}")) for key in ("u", "v")}
+
+    def set_state(self, handle: nn.Cell, state: Dict[str, np.ndarray]) -> nn.Cell:
+        """Write ``state`` into u and v in place (:func:`_assign`), where compiled graphs read them."""
+        for key, value in state.items():
+            param = getattr(handle, f"{handle.wrapped_name}_{key}")
+            _assign(param, _tensor(value, _dtype_name(param.dtype)))
+        return handle
+
     def parameter_names(self, handle: nn.Cell) -> List[str]:
         return [param.name for param in handle.get_parameters()]
 
     def weight(self, handle: nn.Cell) -> np.ndarray:
         layout = self._layouts[handle]
-        if isinstance(handle, WeightNormCell):
+        if isinstance(handle, ReparametrizedCell):  # spectral norm: eval mode, the state does not move
             return layout.to_canonical(_to_numpy(handle.compute_weight()))
         return layout.to_canonical(_to_numpy(self._tensors(handle)["weight"]))
 
     def _input(self, handle: nn.Cell, x: np.ndarray) -> Tensor:
         if np.issubdtype(np.asarray(x).dtype, np.integer):
             return Tensor(np.asarray(x, dtype=np.int32))
-        dtype = self._tensors(handle)["g" if isinstance(handle, WeightNormCell) else "weight"].dtype
+        dtype = self._weight_dtype(handle)
         return Tensor(np.asarray(x, dtype=np.float32)).astype(dtype) if dtype != mindspore.float64 else Tensor(
             np.asarray(x, dtype=np.float64))
 
@@ -404,7 +439,7 @@ class _MindSporeAdapter(Adapter):
 
             step = mindspore.jit(gradient_step) if self.mode == mindspore.GRAPH_MODE else gradient_step
             self._grad_steps[handle] = step
-        seed = _tensor(grad_output, _dtype_name(tensors["v"].dtype))
+        seed = _tensor(grad_output, _dtype_name(self._weight_dtype(handle)))
         grads = step(self._input(handle, x), seed)
         layout = self._layouts[handle]
         return {key: (_to_numpy(grad) if key == "bias" else _canonical(_to_numpy(grad), layout))
@@ -445,7 +480,7 @@ class _MindSporeAdapter(Adapter):
 
     def sgd_step(self, handle: nn.Cell, x: np.ndarray, target: np.ndarray, lr: float) -> nn.Cell:
         step = self._train_step(handle, lr)
-        dtype = _dtype_name(self._tensors(handle)["v"].dtype)
+        dtype = _dtype_name(self._weight_dtype(handle))
         step(self._input(handle, x), _tensor(target, dtype))
         return handle
 
@@ -481,3 +516,5 @@ class MindSporeGraphFusedAdapter(MindSporeGraphAdapter):
 
     name = "mindspore-graph-fused"
     fused = True
+    reparametrizations = ("weight_norm",)
+    reparametrization_reasons = {"spectral_norm": "fused=True is a weight-norm path; spectral norm has none"}

@@ -495,7 +495,7 @@ def test_both_torch_key_styles_for_one_weight():
 def test_weight_norm_on_one_side_only_names_the_fix():
     sd = TorchZoo(STYLES["legacy"]).state_dict()
     _expect_failure(MsZoo(STYLES["plain"]), sd, ConversionError, "lin.weight_g",
-                    "wrap the target's layers with xnorm.wrap")
+                    "wrap the target's layers as the source's are (xnorm.weight_norm")
 
 
 def _truncate(path: Path) -> None:
