@@ -57,3 +57,44 @@ CONFIGS = {"small": SMALL, "default": DEFAULT}
 def padding(kernel_size: int, dilation: int = 1) -> int:
     """'same' padding of a stride-1 convolution."""
     return (kernel_size * dilation - dilation) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminatorConfig:
+    """HiFi-GAN's multi-scale discriminator: ``scales`` scale discriminators, the first spectral-normed and the
+    others weight-normed, each fed the audio average-pooled once more than the previous one
+    (``AvgPool1d(4, stride 2, padding 2)``, padding counted in the mean, as torch's default).
+
+    A scale discriminator is ``len(channels)`` grouped, strided Conv1d layers, each followed by a leaky ReLU
+    (``leaky_slope``), then ``conv_post`` (one channel, kernel 3, padding 1). Layer ``i`` maps
+    ``channels[i - 1]`` (1 for the first) to ``channels[i]`` channels with ``kernel_sizes[i]`` (padding
+    ``(k - 1) // 2``), ``strides[i]`` and ``groups[i]``. It returns the flattened ``conv_post`` output (the
+    logits) and the output of every layer (the feature maps).
+    """
+
+    channels: Tuple[int, ...] = (128, 128, 256, 512, 1024, 1024, 1024)
+    kernel_sizes: Tuple[int, ...] = (15, 41, 41, 41, 41, 41, 5)
+    strides: Tuple[int, ...] = (1, 2, 2, 4, 4, 1, 1)
+    groups: Tuple[int, ...] = (1, 4, 16, 16, 16, 16, 1)
+    scales: int = 3
+    leaky_slope: float = 0.1
+
+    def layers(self):
+        """``(in_channels, out_channels, kernel, stride, groups, padding)`` per layer, ``conv_post`` excluded."""
+        ins = (1,) + self.channels[:-1]
+        return [
+            (i, o, k, s, g, (k - 1) // 2)
+            for i, o, k, s, g in zip(ins, self.channels, self.kernel_sizes, self.strides, self.groups, strict=True)
+        ]
+
+
+#: The discriminator the tests port: HiFi-GAN's structure (spectral norm on the first scale, groups, strides,
+#: pooling between scales) at widths that keep CI fast.
+SMALL_DISCRIMINATOR = DiscriminatorConfig(
+    channels=(8, 16, 16, 16), kernel_sizes=(5, 9, 9, 3), strides=(1, 2, 2, 1), groups=(1, 4, 4, 1)
+)
+#: HiFi-GAN V1's multi-scale discriminator.
+DEFAULT_DISCRIMINATOR = DiscriminatorConfig()
+
+DISCRIMINATOR_CONFIGS = {"small": SMALL_DISCRIMINATOR, "default": DEFAULT_DISCRIMINATOR}
+POOL = {"kernel": 4, "stride": 2, "padding": 2}

@@ -30,7 +30,8 @@ def test_porting_walkthrough_runs_as_written(framework, tmp_path):
         pytest.skip(f"{framework} is not installed in this environment; its nox session runs these lines")
     marker = ENVIRONMENT_COMMENT[framework]
     lines = [line for line in shell_lines("## Porting a PyTorch model") if line.endswith(marker)]
-    assert [line.split()[0] for line in lines] == ["pip", "xnorm"], lines  # the port script, then the CLI on its file
+    # the generator's port script, the CLI on its file, then the discriminator's port script
+    assert [line.split()[0] for line in lines] == ["pip", "xnorm", "pip"], lines
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for line in lines:
