@@ -7,7 +7,10 @@ the command line as ``module:Class`` like any third-party adapter), so no framew
 
 import importlib.util
 import json
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +270,29 @@ def test_children_import_this_xnorm_even_with_the_repositorys_source_on_the_path
     argv = ["conformance", "--backend", REFERENCE, "--backend", REFERENCE, "--results-dir", str(results)]
     assert main([*argv, "--jobs", "2"]) == 0, capfd.readouterr().err
     assert "ModuleNotFoundError" not in capfd.readouterr().err
+
+
+def _pytest_conformance(*args: str, results: Path) -> subprocess.CompletedProcess:
+    """``pytest conformance ...`` from the repository root, as README.md shows it (the console script: ``python
+    -m pytest`` would put the source folders ahead of the installed xnorm)."""
+    root = Path(__file__).resolve().parents[2]
+    pytest_script = Path(sys.executable).parent / "pytest"
+    command = [str(pytest_script), "conformance", *args, "--results-dir", str(results), "-q", "-p", "no:cacheprovider"]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+
+
+def test_the_pytest_plugin_runs_one_test_per_case_and_saves_the_results(tmp_path):
+    run = _pytest_conformance("--backend", REFERENCE, results=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    every_case = catalogue(CATALOGUE_DTYPES)
+    ran = catalogue(("float64",))
+    assert f"{len(ran)} passed, {len(every_case) - len(ran)} skipped" in run.stdout
+    summary = json.loads((tmp_path / "numpy-reference" / "summary.json").read_text())
+    assert summary["counts"]["passed"] == len(ran)
+
+
+def test_the_pytest_plugin_fails_a_run_on_an_absent_device(tmp_path):
+    run = _pytest_conformance("--backend", REFERENCE, "--device", "gpu", results=tmp_path)
+    assert run.returncode == 1 and "xnorm conformance incomplete: numpy-reference: device(s) gpu absent" in run.stdout
+    assert _pytest_conformance("--backend", REFERENCE, "--device", "gpu", "--best-effort", results=tmp_path
+                               ).returncode == 0

@@ -927,3 +927,37 @@ def test_msgpack_files_are_written_leaf_by_leaf_with_flax_s_exact_bytes(tmp_path
     path = tmp_path / "x.msgpack"
     _write_msgpack(tree, path)
     assert path.read_bytes() == serialization.msgpack_serialize(tree)
+
+
+# -- spectral norm ---------------------------------------------------------------------------------
+
+
+def test_spectral_state_of_the_wrong_size_is_refused_and_nothing_changes():
+    torch.manual_seed(0)
+    legacy = torch.nn.utils.spectral_norm(torch.nn.Conv1d(4, 6, 3))
+    state = {k: v.detach().clone() for k, v in legacy.state_dict().items()}
+    state["weight_u"] = torch.ones(5)  # h is 6
+    model = xnorm.spectral_norm(nnx.Conv(4, 6, (3,), rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    with pytest.raises(ConversionError, match=r"kernel_u: shape \(6,\) but 'weight_u' has shape \(5,\)"):
+        xnorm.convert(state, to="flax", like=model, load=True)
+    after = jax.tree.map(np.asarray, nnx.state(model))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("style", ["legacy", "parametrizations"])
+def test_spectral_norm_converts_from_both_torch_key_styles_and_back(style):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(4, 6, 3)
+    source = torch.nn.utils.spectral_norm(conv) if style == "legacy" else xnorm.spectral_norm(conv)
+    x = np.random.default_rng(0).standard_normal((2, 4, 9)).astype(np.float32)
+    source(torch.from_numpy(x))  # a training-mode call: the state moves
+    model = xnorm.spectral_norm(nnx.Conv(4, 6, (3,), padding="VALID", rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    xnorm.convert(source.state_dict(), to="flax", like=model, load=True)
+    np.testing.assert_array_equal(np.asarray(model.kernel_u.get_value()), source.state_dict()["weight_u" if style ==
+                                  "legacy" else "parametrizations.weight.0._u"].numpy())
+    assert xnorm.compare(source, model, x, channels_last=True).ok
+    back = xnorm.convert(model, to="torch", like=source)
+    for key, value in source.state_dict().items():
+        assert torch.equal(back[key], value), key

@@ -299,3 +299,12 @@ def test_remove_takes_a_whole_model_with_both_reparametrizations():
     torch.testing.assert_close(model(x), y, rtol=0, atol=0)
     with pytest.raises(xnorm.NotWrappedError):
         xnorm.remove(model)
+
+
+def test_a_legacy_checkpoint_with_state_of_the_wrong_size_names_the_key():
+    legacy = nn.utils.spectral_norm(nn.Conv1d(4, 6, 3))
+    state = legacy.state_dict()
+    state["weight_u"] = torch.ones(5)  # h is 6
+    ours = xnorm.spectral_norm(nn.Conv1d(4, 6, 3))
+    with pytest.raises(RuntimeError, match=r"size mismatch for parametrizations\.weight\.0\._u"):
+        ours.load_state_dict(state, strict=True)
