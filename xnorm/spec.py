@@ -3,9 +3,9 @@
 A reparametrization is a spec object (:class:`WeightNorm`, :class:`SpectralNorm`), a float64 NumPy
 reference (:mod:`xnorm.reference`, :mod:`xnorm.reference_spectral`) and one small function per
 backend; :class:`Reparametrization` is what they share. This module is the single place for the
-facts every backend must agree on: how ``dim`` is read, the
-canonical (torch) weight layout of each layer kind and how a framework's storage layout maps onto it,
-which dtypes are accepted and in which precision the norm is computed, and the names g and v take.
+facts every backend must agree on: how ``dim`` is read, the canonical (torch) weight layout of each
+layer kind and how a framework's storage layout maps onto it, which dtypes are accepted and in which
+precision the norm is computed, and the names each reparametrization's tensors take.
 docs/spec.md explains the same choices in prose; :mod:`xnorm.reference` implements them in NumPy.
 
 Nothing here imports a framework, or NumPy.
