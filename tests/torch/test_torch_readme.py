@@ -1,4 +1,4 @@
-"""The README's torch quickstart runs as written (it is the first code a user copies)."""
+"""The README's torch examples run as written (the first code a user copies)."""
 
 import re
 from pathlib import Path
@@ -6,21 +6,23 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_readme_torch_quickstart_runs():
-    section = README.read_text().split("## Quickstart (torch)", 1)[1]
+def _run_section(title: str) -> dict:
+    """Run the first ```python block under README heading ``title``; returns its namespace."""
+    section = README.read_text().split(title, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, "README.md (torch quickstart)", "exec"), namespace)
+    exec(compile(code, f"README.md ({title})", "exec"), namespace)
+    return namespace
+
+
+def test_readme_torch_quickstart_runs():
+    namespace = _run_section("## Quickstart (torch)")
     conv = namespace["conv"]
     assert type(conv).__name__ == "Conv1d" and not hasattr(conv, "parametrizations")
     assert "scripted" in namespace
 
 
 def test_readme_spectral_norm_example_runs():
-    section = README.read_text().split("## Spectral normalization (torch)", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md (spectral norm)", "exec"), namespace)
-    critic = namespace["critic"]
+    critic = _run_section("## Spectral normalization (torch)")["critic"]
     assert not any(hasattr(module, "parametrizations") for module in critic.modules())
     assert [type(m).__name__ for m in critic] == ["Conv1d", "LeakyReLU", "Conv1d"]
