@@ -93,12 +93,15 @@ class SpectralNormOracle(Oracle):
         initial draws are the framework's, so only the structure of the result can be checked)."""
         out = [(tensors["original"], weight, "W (original) after wrap")]
         if np.ndim(weight) > 1:
-            u, v = state["u"], state["v"]
-            matrix = reference_spectral.matrix_view(tensors["original"], self.dim)
-            out.append((np.linalg.norm(u), np.float64(1.0), "||u|| after wrap"))
-            out.append((np.linalg.norm(v), np.float64(1.0), "||v|| after wrap"))
-            out.append((v, reference_spectral.normalize(matrix.T @ np.asarray(u, np.float64), self.spec.eps),
-                        "v == normalize(M^T u) after wrap"))
+            u, v = state.get("u"), state.get("v")
+            for key, vector in (("u", u), ("v", v)):
+                # an implementation that stores no such vector fails here (Flax keeps no v)
+                out.append((None if vector is None else np.linalg.norm(vector), np.float64(1.0),
+                            f"||{key}|| after wrap"))
+            if u is not None and v is not None:
+                matrix = reference_spectral.matrix_view(tensors["original"], self.dim)
+                out.append((v, reference_spectral.normalize(matrix.T @ np.asarray(u, np.float64), self.spec.eps),
+                            "v == normalize(M^T u) after wrap"))
         return out
 
     def start_state(self, data, tensors):

@@ -59,7 +59,7 @@ from xnorm.reference import round_to_dtype
 
 from . import layers
 from .adapter import Adapter
-from .cases import CATALOGUE_DTYPES, Case, catalogue
+from .cases import CATALOGUE_DTYPES, CATALOGUE_REPARAMETRIZATIONS, Case, catalogue
 from .oracles import Oracle, oracle_for
 from .tolerances import TOLERANCE_VERSION, compare, tolerance
 
@@ -115,6 +115,9 @@ class ConformanceError(Exception):
     """A misuse of the suite itself (bad expected-failure file, adapter breaking the protocol)."""
 
 
+_MISSING_NOTE = "no value from the adapter for "
+
+
 @dataclasses.dataclass
 class CheckResult:
     """One check of one case. It starts ``not-run`` and only a comparison (:meth:`add`) or a failure
@@ -123,6 +126,10 @@ class CheckResult:
     ``max_abs``, ``max_rel`` and ``ratio`` (worst error / allowed) are ``None`` until a comparison ran;
     a failure without a comparison (the backend raised) has ``ratio`` inf and no errors. ``detail``
     names the worst comparison, the failure, or why the check did not run or was expected to fail.
+    ``missing`` names the comparisons the adapter gave no value for (an implementation without that
+    quantity, such as Flax's spectral norm, which stores no v): each fails the check, while ``ratio``
+    stays the worst of the comparisons that did run, so a missing value does not hide how far the
+    values that exist are off.
     """
 
     check: str
@@ -134,6 +141,7 @@ class CheckResult:
     max_rel: Optional[float] = None
     ratio: Optional[float] = None
     detail: str = "not reached"
+    missing: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -147,18 +155,31 @@ class CheckResult:
         """Fold one comparison into this check, keeping the worst errors."""
         if self.state == NOT_RUN:
             self.state, self.detail, self.ratio, self.max_abs, self.max_rel = PASSED, "", 0.0, 0.0, 0.0
+        if actual is None:
+            self.state = FAILED
+            self.missing.append(what)
+            if self.ratio != float("inf"):  # a raised failure keeps its message
+                self.detail = self._with_missing(self.detail.partition(_MISSING_NOTE)[0].rstrip("; "))
+            return
         try:
             result = compare(actual, expected, self.rtol, self.atol)
         except ValueError as error:
             self.fail(f"{what}: {error}")
             return
         if result["ratio"] > (self.ratio or 0.0) or not self.detail:
-            self.detail = what if result["passed"] else f"{what} out of tolerance"
+            self.detail = self._with_missing(what if result["passed"] else f"{what} out of tolerance")
         self.max_abs = max(self.max_abs or 0.0, result["max_abs"])
         self.max_rel = max(self.max_rel or 0.0, result["max_rel"])
         self.ratio = max(self.ratio or 0.0, result["ratio"])
         if not result["passed"]:
             self.state = FAILED
+
+    def _with_missing(self, detail: str) -> str:
+        if not self.missing:
+            return detail
+        more = f" and {len(self.missing) - 1} more" if len(self.missing) > 1 else ""
+        note = f"{_MISSING_NOTE}{self.missing[0]}{more}"
+        return f"{detail}; {note}" if detail else note
 
     def fail(self, detail: str) -> None:
         self.state = FAILED
@@ -236,14 +257,18 @@ def not_run(case: Case, adapter_name: str, reason: str) -> CaseResult:
 @dataclasses.dataclass(frozen=True)
 class ExpectedFailure:
     """One entry of ``expected_failures/<adapter>.toml``: cases matching ``case`` (fnmatch pattern over
-    case ids) are expected to fail ``check`` (or any check when empty), for ``reason``."""
+    case ids), of ``reparametrization`` (a spec kind, or any when empty), are expected to fail ``check``
+    (or any check when empty), for ``reason``."""
 
     case: str
     reason: str
     check: str = ""
+    reparametrization: str = ""
 
-    def matches(self, case_id: str) -> bool:
-        return fnmatch.fnmatchcase(case_id, self.case)
+    def matches(self, case: Case) -> bool:
+        if self.reparametrization and case.reparametrization != self.reparametrization:
+            return False
+        return fnmatch.fnmatchcase(case.id, self.case)
 
 
 def load_expected_failures(adapter: Adapter, *, path: Optional[Path] = None) -> List[ExpectedFailure]:
@@ -252,8 +277,10 @@ def load_expected_failures(adapter: Adapter, *, path: Optional[Path] = None) -> 
     The file is ``expected_failures/<adapter name>.toml`` shipped with the suite (or ``path``; an
     adapter may also define ``expected_failures_path``). Each ``[[expected_failure]]`` table has
     ``case`` (an fnmatch pattern over case ids), ``reason`` (required, non-empty) and optionally
-    ``check``. An entry that matches no case of the adapter's full catalogue (all its dtypes and
-    devices) raises :class:`ConformanceError`: stale entries would hide nothing and mislead.
+    ``check`` and ``reparametrization`` (``"weight_norm"``, ``"spectral_norm"``: one reason per
+    reparametrization where a pattern would match both). An entry that matches no case of the
+    adapter's full catalogue (all its dtypes and devices) raises :class:`ConformanceError`: stale
+    entries would hide nothing and mislead.
     """
     if path is None:
         path = getattr(adapter, "expected_failures_path", None)
@@ -268,21 +295,27 @@ def load_expected_failures(adapter: Adapter, *, path: Optional[Path] = None) -> 
         where = str(path)
     entries = []
     for raw in tomllib.loads(text).get("expected_failure", []):
-        unknown = set(raw) - {"case", "reason", "check"}
+        unknown = set(raw) - {"case", "reason", "check", "reparametrization"}
         if unknown or not raw.get("case") or not str(raw.get("reason", "")).strip():
             raise ConformanceError(f"{where}: each entry needs 'case' and a non-empty 'reason' (got {raw!r})")
         if raw.get("check", "") not in ("", *CHECKS):
             raise ConformanceError(f"{where}: unknown check {raw['check']!r}; checks are {', '.join(CHECKS)}")
-        entries.append(ExpectedFailure(raw["case"], raw["reason"].strip(), raw.get("check", "")))
-    every_id = [case.id for case in catalogue(adapter.dtypes, adapter.devices, adapter.reparametrizations)]
-    stale = [entry.case for entry in entries if not any(entry.matches(case_id) for case_id in every_id)]
+        if raw.get("reparametrization", "") not in ("", *CATALOGUE_REPARAMETRIZATIONS):
+            raise ConformanceError(
+                f"{where}: unknown reparametrization {raw['reparametrization']!r}; the catalogue has "
+                f"{', '.join(CATALOGUE_REPARAMETRIZATIONS)}"
+            )
+        entries.append(ExpectedFailure(raw["case"], raw["reason"].strip(), raw.get("check", ""),
+                                       raw.get("reparametrization", "")))
+    every_case = catalogue(adapter.dtypes, adapter.devices, adapter.reparametrizations)
+    stale = [entry.case for entry in entries if not any(entry.matches(case) for case in every_case)]
     if stale:
         raise ConformanceError(f"{where}: entries match no case of the catalogue: {', '.join(stale)}")
     return entries
 
 
 def _expected(case: Case, entries: Sequence[ExpectedFailure]) -> List[ExpectedFailure]:
-    return [entry for entry in entries if entry.matches(case.id)]
+    return [entry for entry in entries if entry.matches(case)]
 
 
 def _reference_step(case: Case, oracle: Oracle, tensors, state, bias, x, target):
@@ -407,14 +440,17 @@ def _life_cycle(
     w_ref, state = oracle.training_call(tensors, state)
     grad_w, grad_b = layers.backward(layer, w_ref, x, grad_output)
     for key, expected in oracle.gradients(tensors, state, grad_w).items():
-        checks["gradient"].add(grads[key], expected, f"dL/d{key}")
-        saved[f"grad_{key}"] = np.asarray(grads[key], np.float64)
+        checks["gradient"].add(grads.get(key), expected, f"dL/d{key}")
+        if key in grads:
+            saved[f"grad_{key}"] = np.asarray(grads[key], np.float64)
     if layer.bias:
         checks["gradient"].add(grads["bias"], grad_b, "dL/dbias")
         saved["grad_bias"] = np.asarray(grads["bias"], np.float64)
     add_state("gradient", _as64(adapter.state(wrapped)), state, "after the gradient's training-mode call")
     # the backend's own state from here on, as the tensors: an error is counted once, where it arose
-    state = oracle.round_state({k: v for k, v in _as64(adapter.state(wrapped)).items() if k in state})
+    # (an entry the backend does not store, such as Flax's v, continues from the reference's)
+    own_state = _as64(adapter.state(wrapped))
+    state = oracle.round_state({k: own_state.get(k, v) for k, v in state.items()})
 
     stage[0] = "training"
     trained = wrapped
@@ -451,7 +487,7 @@ def _life_cycle(
         checks["remove"].fail(f"parameters after remove are {removed_names}, the plain layer had {plain_names}")
         return
     # removal in training mode is one more training-mode use (spectral norm iterates once more)
-    w_final, _ = oracle.training_call({key: final[key] for key in spec.tensors}, final_state)
+    w_final, _ = oracle.training_call({key: final[key] for key in spec.tensors}, {**ref_state, **final_state})
     removed_params = adapter.parameters(removed)
     checks["remove"].add(removed_params["weight"], w_final, "weight after remove")
     y_removed = adapter.forward(removed, x)

@@ -11,7 +11,15 @@ from xnorm import reference_spectral
 from xnorm.conformance.adapters.reference import ReferenceAdapter as NumpyAdapter
 from xnorm.conformance.cases import CATALOGUE_DTYPES, LAYERS, Case, catalogue
 from xnorm.conformance.report import cross_report, full_report
-from xnorm.conformance.runner import CHECKS, ConformanceError, SuiteRun, load_expected_failures, run_case, run_suite
+from xnorm.conformance.runner import (
+    CHECKS,
+    ConformanceError,
+    ExpectedFailure,
+    SuiteRun,
+    load_expected_failures,
+    run_case,
+    run_suite,
+)
 from xnorm.spec import FLOATING_DTYPES
 
 FEW_CASES = [Case(layer, dim, "float64", "cpu") for layer in (LAYERS[0], LAYERS[3], LAYERS[8]) for dim in (0, None)]
@@ -224,6 +232,18 @@ def test_expected_failure_limited_to_one_check_does_not_excuse_others(tmp_path):
     assert result.checks["training"].state == "xfail" and result.checks["gradient"].state == "failed"
 
 
+def test_an_expected_failure_limited_to_a_reparametrization_excuses_only_its_cases(tmp_path):
+    # "linear-*dim1-*" matches linear-dim1 (weight norm) and linear-sn3-dim1 (spectral norm)
+    path = _write(tmp_path, '[[expected_failure]]\ncase = "linear-*dim1-*"\nreparametrization = "weight_norm"\n'
+                            'reason = "g is ignored (known)"\n')
+    entries = load_expected_failures(IgnoresG(), path=path)
+    weight_norm = run_case(IgnoresG(), Case(LAYERS[0], 1, "float64", "cpu"), entries)
+    assert weight_norm.status == "xfail"
+    spectral = next(c for c in catalogue(("float64",), reparametrizations=("spectral_norm",))
+                    if c.id.startswith("linear-sn3-dim1-"))
+    assert run_case(DetachesSigma(), spectral, entries).status == "failed"
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -231,6 +251,9 @@ def test_expected_failure_limited_to_one_check_does_not_excuse_others(tmp_path):
         '[[expected_failure]]\ncase = "linear-*"\nreason = ""\n',
         '[[expected_failure]]\ncase = "linear-*"\nreason = "r"\ncheck = "speed"\n',
         '[[expected_failure]]\ncase = "linear-*"\nreason = "r"\nwhy = "typo"\n',
+        '[[expected_failure]]\ncase = "linear-*"\nreason = "r"\nreparametrization = "orthogonal"\n',
+        # a pattern matching only weight-norm cases, limited to spectral norm: matches nothing
+        '[[expected_failure]]\ncase = "linear-dim0-*"\nreason = "r"\nreparametrization = "spectral_norm"\n',
     ],
 )
 def test_bad_or_stale_expected_failure_entries_are_errors(tmp_path, text):
@@ -280,6 +303,22 @@ def test_cross_report_agrees_for_equal_backends_and_catches_a_drifting_one(tmp_p
     assert not ok and "## numpy-twin" in report and "err/allowed" in report
     assert "**Verdict: FAILED**: numpy-reference vs numpy-twin: 1 array(s) disagree" in report
     assert "Pairs of adapters that agree on every case both passed: 0 of 1." in report
+
+
+
+def test_pairs_with_no_case_passed_in_both_are_one_line_not_a_row_each(tmp_path):
+    _saved_run(NumpyAdapter(), tmp_path)
+    # another implementation whose every case is an expected failure passes no case to compare
+    suite = SuiteRun(IgnoresG(), expected_failures=[ExpectedFailure("*", "g is ignored (known)")])
+    for case in FEW_CASES:
+        suite.run(case)
+    suite.save(tmp_path)
+    report, ok = full_report(tmp_path)
+    assert ok and "**Verdict: PASSED**" in report
+    assert "1 pair(s) of adapters have no case that passed in both: nothing to compare (`numpy-ignores-g` pass" in (
+        report
+    )
+    assert "`numpy-reference` vs `numpy-ignores-g`" not in report and "Pairs of adapters that agree" not in report
 
 
 SPECTRAL_CASES = [case for case in catalogue(("float64",), reparametrizations=("spectral_norm",))
@@ -340,3 +379,43 @@ def test_broken_spectral_norm_backends_fail_the_checks_that_concern_them(adapter
     result = run_case(adapter, SPECTRAL_CASES[0])
     assert result.status == "failed"
     assert {name for name, check in result.checks.items() if check.state == "failed"} == failing
+
+
+class StoresNoV(NumpyAdapter):
+    """Flax's SpectralNorm: only u is state; v is recomputed from u in every call."""
+
+    name = "numpy-stores-no-v"
+
+    def state(self, handle):
+        return {key: value for key, value in super().state(handle).items() if key != "v"}
+
+
+class NoGradientForG(NumpyAdapter):
+    """Flax's NNX WeightNorm: its scales are not nnx.Param, so no gradient reaches g."""
+
+    name = "numpy-no-gradient-for-g"
+
+    def gradients(self, handle, x, grad_output):
+        grads = super().gradients(handle, x, grad_output)
+        del grads["g"]
+        return grads
+
+
+def test_a_value_the_adapter_does_not_return_fails_its_checks_without_hiding_the_others():
+    result = run_case(StoresNoV(), SPECTRAL_CASES[0])
+    # every check that compares the state with the reference's fails, and the case still runs to its end
+    # (the state check compares the backend with itself after save/load; remove continues from the
+    # reference's v)
+    failing = {name for name, check in result.checks.items() if check.state == "failed"}
+    assert failing == {"init", "weight", "forward", "gradient", "training"}
+    assert result.checks["state"].state == result.checks["remove"].state == "passed"
+    weight = result.checks["weight"]
+    assert weight.missing == ["state v after set_state"] and "no value from the adapter for state v" in weight.detail
+    # the values that exist are still measured: w itself is right, so the ratio is that of a passing comparison
+    assert weight.ratio is not None and weight.ratio <= 1.0
+    assert result.checks["training"].missing[-1] == "state v after step 20"
+
+    result = run_case(NoGradientForG(), FEW_CASES[2])
+    gradient = result.checks["gradient"]
+    assert gradient.state == "failed" and gradient.missing == ["dL/dg"] and gradient.ratio <= 1.0
+    assert {name for name, check in result.checks.items() if check.state == "failed"} == {"gradient"}
