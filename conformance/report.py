@@ -370,24 +370,35 @@ def verdict(runs: Dict[str, Run], pairs: List[PairResult], *, best_effort: bool 
         rows.append([f"`{run.name}`", *cells])
     if rows:
         lines += [_table(["adapter", *reparams], rows), ""]
+    # Pairs with no case that passed in both (an adapter of another implementation passes none) have
+    # nothing to compare: one line names them instead of a row each.
+    compared = [pair for pair in pairs if pair.cases]
     pair_rows = []
-    for pair in pairs:
+    for pair in compared:
         worst = pair.worst
         pair_rows.append(
             [
                 f"`{pair.a}` vs `{pair.b}`",
                 str(pair.cases),
-                "yes" if pair.agree else ("no case in common" if not pair.cases else "**no**"),
+                "yes" if pair.agree else "**no**",
                 _fmt(worst["ratio"]) if worst else "-",
                 worst["key"] if worst and worst["ratio"] else "",
             ]
         )
     if pair_rows:
-        agreeing = sum(pair.agree for pair in pairs)
+        agreeing = sum(pair.agree for pair in compared)
         lines += [
-            f"Pairs of adapters that agree on every case both passed: {agreeing} of {len(pairs)}.",
+            f"Pairs of adapters that agree on every case both passed: {agreeing} of {len(compared)}.",
             "",
             _table(["pair", "cases compared", "all agree", "worst diff/allowed", "worst"], pair_rows),
+            "",
+        ]
+    idle = len(pairs) - len(compared)
+    if idle:
+        none_passed = [f"`{run.name}`" for run in runs.values() if not run.summary["counts"].get(PASSED)]
+        lines += [
+            f"{idle} pair(s) of adapters have no case that passed in both: nothing to compare"
+            + (f" ({', '.join(none_passed)} pass no case)." if none_passed else "."),
             "",
         ]
     return "\n".join(lines), word

@@ -75,13 +75,15 @@ def _verdict(runs: Dict[str, Run], pairs: List[PairResult], word: str) -> str:
         rows.append(cells)
     pair_rows = []
     for pair in pairs:
+        if not pair.cases:  # nothing compared; the markdown verdict counts these pairs in one line
+            continue
         worst = pair.worst
-        state = PASSED if pair.agree else (NOT_RUN if not pair.cases else FAILED)
+        state = PASSED if pair.agree else FAILED
         pair_rows.append(
             [
                 f"{_e(pair.a)} vs {_e(pair.b)}",
                 str(pair.cases),
-                _state_cell(state, "yes" if pair.agree else ("no case in common" if not pair.cases else "no")),
+                _state_cell(state, "yes" if pair.agree else "no"),
                 _e(_fmt(worst["ratio"]) if worst else "-"),
                 _array_link(runs[pair.a], worst["key"]) if worst and worst["ratio"] else "",
             ]
