@@ -22,9 +22,11 @@ ADAPTERS: Dict[str, str] = {
     "flax-nnx": "xnorm.conformance.adapters.flax:NNXAdapter",
     # xnorm.wrap(..., fused=True): the same catalogue, the same tolerances
     "torch-fused": "xnorm.conformance.adapters.torch:TorchFusedAdapter",
-    # torch's own implementations (not xnorm), to show where each departs from the spec
+    # each framework's own implementations (not xnorm), to show where each departs from the spec
     "torch-parametrizations": "xnorm.conformance.adapters.torch:TorchParametrizationsAdapter",
     "torch-legacy": "xnorm.conformance.adapters.torch:TorchLegacyAdapter",
+    "flax-linen-native": "xnorm.conformance.adapters.flax_native:LinenNativeAdapter",
+    "flax-nnx-native": "xnorm.conformance.adapters.flax_native:NNXNativeAdapter",
     "mindspore-graph-fused": "xnorm.conformance.adapters.mindspore:MindSporeGraphFusedAdapter",
     "flax-linen-fused": "xnorm.conformance.adapters.flax:LinenFusedAdapter",
     "flax-nnx-fused": "xnorm.conformance.adapters.flax:NNXFusedAdapter",
@@ -34,7 +36,7 @@ ADAPTERS: Dict[str, str] = {
 BACKEND_ADAPTERS: Dict[str, Tuple[str, ...]] = {
     "torch": ("torch", "torch-fused", "torch-parametrizations", "torch-legacy"),
     "mindspore": ("mindspore-graph", "mindspore-pynative", "mindspore-graph-fused"),
-    "flax": ("flax-linen", "flax-nnx", "flax-linen-fused", "flax-nnx-fused"),
+    "flax": ("flax-linen", "flax-nnx", "flax-linen-fused", "flax-nnx-fused", "flax-linen-native", "flax-nnx-native"),
 }
 
 

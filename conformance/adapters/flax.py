@@ -347,7 +347,12 @@ class LinenAdapter(_FlaxAdapter):
         return LinenHandle(handle.layer, handle.dtype, module, variables)
 
     def parameters(self, handle: LinenHandle) -> Dict[str, np.ndarray]:
-        return _protocol_parameters(handle.layer, handle.spec, handle.variables["params"])
+        return self._protocol(handle, handle.variables["params"])
+
+    def _protocol(self, handle: LinenHandle, params) -> Dict[str, np.ndarray]:
+        """The protocol's tensors by neutral name from a tree shaped like the handle's ``params``
+        (its values, or their gradients)."""
+        return _protocol_parameters(handle.layer, handle.spec, params)
 
     def state(self, handle: LinenHandle) -> Dict[str, np.ndarray]:
         stats = handle.variables.get(STATE_COLLECTION, {})
@@ -431,7 +436,7 @@ class LinenAdapter(_FlaxAdapter):
                 handle.variables["params"], handle.variables[STATE_COLLECTION], x, grad_y
             )
             handle.variables = {**handle.variables, **updates}
-        return _protocol_parameters(layer, handle.spec, grads)
+        return self._protocol(handle, grads)
 
     def sgd_step(self, handle: LinenHandle, x: np.ndarray, target: np.ndarray, lr: float) -> LinenHandle:
         layer = handle.layer
