@@ -53,7 +53,9 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 import mindspore as ms  # noqa: E402
 import numpy as np  # noqa: E402
-from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
+from mindspore import Tensor, nn, ops  # noqa: E402
+
+from xnorm.conformance.adapters.mindspore_community import AssignWeightNorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402 - a sibling file, not a package
@@ -82,28 +84,6 @@ TRAIN_VARIANTS = ("plain", "xnorm", "xnorm-fused")
 FORWARD_VARIANTS = ("plain", "xnorm", "xnorm-fused", "native:assign-wrapper")
 INFERENCE_VARIANTS = ("plain", "removed", "xnorm", "xnorm-fused")
 COMPILE_VARIANTS = ("plain", "xnorm", "xnorm-fused")
-
-
-class AssignWeightNorm(nn.Cell):
-    """The community pattern, kept as the counter-example: ``ops.Assign(inner.weight, g * v / ||v||)``,
-    then ``inner(x)``. The output is right; the gradient lands on ``inner.weight`` (overwritten by the
-    next call), so g and v get zeros and never train. ``dim=0``: one norm per output channel."""
-
-    def __init__(self, layer: nn.Cell):
-        super().__init__()
-        self.layer = layer
-        weight = layer.weight.asnumpy()
-        self.axes = tuple(range(1, weight.ndim))
-        norm = np.sqrt(np.sum(weight.astype(np.float64) ** 2, axis=self.axes, keepdims=True))
-        self.weight_g = Parameter(Tensor(norm.astype(weight.dtype)), name="weight_g")
-        self.weight_v = Parameter(Tensor(weight.copy()), name="weight_v")
-        self.assign = ops.Assign()
-        self.sum = ops.ReduceSum(keep_dims=True)
-
-    def construct(self, x):
-        norm = ops.sqrt(self.sum(self.weight_v * self.weight_v, self.axes))
-        self.assign(self.layer.weight, self.weight_v * (self.weight_g / norm))
-        return self.layer(x)
 
 
 def _sync() -> None:
@@ -139,7 +119,8 @@ def build_variant(variant: str, build: Callable[[], nn.Cell]) -> nn.Cell:
     if variant == "xnorm-fused":
         return xnorm.wrap(layer, dim=0, fused=True)
     if variant == "native:assign-wrapper":
-        return AssignWeightNorm(layer)
+        # the community pattern, kept as the counter-example (its g and v never train): dim=0
+        return AssignWeightNorm(layer, axes=tuple(range(1, layer.weight.ndim)))
     if variant == "removed":
         return xnorm.remove(xnorm.wrap(layer, dim=0))
     raise ValueError(f"unknown variant {variant!r}")

@@ -27,6 +27,7 @@ ADAPTERS: Dict[str, str] = {
     "torch-legacy": "xnorm.conformance.adapters.torch:TorchLegacyAdapter",
     "flax-linen-native": "xnorm.conformance.adapters.flax_native:LinenNativeAdapter",
     "flax-nnx-native": "xnorm.conformance.adapters.flax_native:NNXNativeAdapter",
+    "mindspore-assign": "xnorm.conformance.adapters.mindspore_community:MindSporeAssignAdapter",
     "mindspore-graph-fused": "xnorm.conformance.adapters.mindspore:MindSporeGraphFusedAdapter",
     "flax-linen-fused": "xnorm.conformance.adapters.flax:LinenFusedAdapter",
     "flax-nnx-fused": "xnorm.conformance.adapters.flax:NNXFusedAdapter",
@@ -35,7 +36,7 @@ ADAPTERS: Dict[str, str] = {
 #: backend name (as in xnorm.backends()) -> its adapters
 BACKEND_ADAPTERS: Dict[str, Tuple[str, ...]] = {
     "torch": ("torch", "torch-fused", "torch-parametrizations", "torch-legacy"),
-    "mindspore": ("mindspore-graph", "mindspore-pynative", "mindspore-graph-fused"),
+    "mindspore": ("mindspore-graph", "mindspore-pynative", "mindspore-graph-fused", "mindspore-assign"),
     "flax": ("flax-linen", "flax-nnx", "flax-linen-fused", "flax-nnx-fused", "flax-linen-native", "flax-nnx-native"),
 }
 
