@@ -218,7 +218,9 @@ def _convert(args) -> int:
             raise OptionError(f"--rename {rule!r} must be REGEX=REPLACEMENT.")
         rename[pattern] = replacement
     like = _resolve_like(args.like)
-    plan, target = porting._plan(args.source, to=args.to, like=like, rename=rename or None, cast=args.cast)
+    plan, target = porting._plan(
+        args.source, to=args.to, like=like, rename=rename or None, cast=args.cast, hint_style="cli"
+    )
     show = not args.quiet and (args.progress or plan.nbytes >= PROGRESS_THRESHOLD_BYTES)
     porting._write(plan, target, like, output, progress=_ProgressBar(show))
     if not args.quiet:

@@ -52,6 +52,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .conversion_hints import Leftovers, diagnose
 from .errors import CheckpointFileError, ConversionError, OptionError
 from .spec import REPARAMETRIZATIONS, LayerKind, SpectralNorm, StorageLayout, WeightNorm
 
@@ -406,14 +407,19 @@ def plan(
     rename: Any = None,
     ignorable: Callable[[str], bool] = lambda key: False,
     fill: Callable[[TensorSpec], bool] = lambda spec: False,
+    hint_style: str = "python",
 ) -> Plan:
     """Pair every target with exactly one source tensor, or raise one ConversionError listing every problem.
 
     ``targets`` holds ``(spec, candidate source keys, layout, to_storage)``; the first candidate found
-    in ``source`` (after ``rename``) wins, and two candidates both present is an ambiguity error.
+    in ``source`` (after ``rename``) wins, and two candidates both present is an ambiguity error. The
+    error's "fix:" line comes from :func:`xnorm.conversion_hints.diagnose`, written for Python callers or,
+    with ``hint_style="cli"``, for the command line.
     """
     rename_key = _renamer(rename)
     missing: List[str] = []
+    looked_for: List[Tuple[str, ...]] = []
+    shape_mismatches: List[str] = []
     mismatched: List[str] = []
     used: Dict[str, str] = {}
     steps: List[Step] = []
@@ -426,6 +432,7 @@ def plan(
                 filled.append(spec)
                 continue
             missing.append(f"{spec.key} (looked for {' or '.join(repr(k) for k in keys)} in {source_name})")
+            looked_for.append(tuple(keys))
             continue
         if len(found) > 1:
             mismatched.append(f"{spec.key}: ambiguous, {source_name} has both {found[0]!r} and {found[1]!r}")
@@ -437,6 +444,7 @@ def plan(
         used[ref.key] = spec.key
         expected = _converted_shape(ref.shape, storage, to_storage)
         if expected is None or tuple(expected) != tuple(spec.shape):
+            shape_mismatches.append(ref.key)
             mismatched.append(
                 f"{spec.key}: shape {tuple(spec.shape)} but {ref.key!r} has shape {tuple(ref.shape)}"
                 + (
@@ -448,17 +456,20 @@ def plan(
             continue
         needs_cast = ref.dtype != spec.dtype
         if needs_cast and not cast:
-            mismatched.append(f"{spec.key}: dtype {spec.dtype} but {ref.key!r} is {ref.dtype} (pass cast=True to cast)")
+            how = "--cast" if hint_style == "cli" else "cast=True"
+            mismatched.append(f"{spec.key}: dtype {spec.dtype} but {ref.key!r} is {ref.dtype} (pass {how} to cast)")
             continue
         if needs_cast and not (_is_float(ref.dtype) and _is_float(spec.dtype)):
             mismatched.append(f"{spec.key}: cannot cast {ref.dtype} to {spec.dtype}; only floating dtypes are cast")
             continue
         steps.append(Step(spec, ref, storage, to_storage, needs_cast))
     skipped = [k for k in source if k not in used and ignorable(k)]
-    unexpected = [f"{k} {tuple(source[k].shape)}" for k in source if k not in used and not ignorable(k)]
+    leftover = [k for k in source if k not in used and not ignorable(k)]
+    unexpected = [f"{k} {tuple(source[k].shape)}" for k in leftover]
     if missing or unexpected or mismatched:
+        hints = diagnose(Leftovers(tuple(looked_for), tuple(leftover), tuple(shape_mismatches)), style=hint_style)
         raise ConversionError(
-            _conversion_message(missing, unexpected, mismatched, source_name),
+            _conversion_message(missing, unexpected, mismatched, source_name, [hint for _, hint in hints]),
             missing=missing,
             unexpected=unexpected,
             mismatched=mismatched,
@@ -481,7 +492,7 @@ def _converted_shape(shape: Sequence[int], storage: StorageLayout, to_storage: b
     return storage.canonical_shape(shape)
 
 
-def _conversion_message(missing, unexpected, mismatched, source_name: str) -> str:
+def _conversion_message(missing, unexpected, mismatched, source_name: str, hints: Sequence[str]) -> str:
     parts = [
         f"the checkpoint does not fit the target model ({len(missing)} missing, {len(unexpected)} unexpected, "
         f"{len(mismatched)} mismatched); nothing was converted or modified."
@@ -496,19 +507,6 @@ def _conversion_message(missing, unexpected, mismatched, source_name: str) -> st
             parts += [f"  {item}" for item in items[:50]]
             if len(items) > 50:
                 parts.append(f"  ... and {len(items) - 50} more")
-    hints = []
-    suffixes = REPARAMETRIZATION_SUFFIXES
-    if any(k.split(" ")[0].endswith(suffixes) for k in missing + unexpected):
-        hints.append(
-            "reparametrization keys (" + ", ".join(suffixes) + ") on one side only: wrap the target's layers "
-            "as the source's are (xnorm.weight_norm, xnorm.spectral_norm), or remove the reparametrization "
-            "from the source model, so both hold the same tensors"
-        )
-    if missing and unexpected:
-        hints.append(
-            "if the models name their layers differently, pass rename={regex: replacement}, applied to "
-            "each key derived from like= to give the key in the source"
-        )
     if hints:
         parts.append("fix: " + "; ".join(hints) + ".")
     return "\n".join(parts)
@@ -590,7 +588,7 @@ def convert(
     return _execute(plan_, target_module, like, load=load, progress=progress)
 
 
-def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = False):
+def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = False, hint_style: str = "python"):
     if not isinstance(cast, bool):
         raise OptionError(f"cast must be True or False, got {cast!r}.")
     target_module = _framework(to)
@@ -607,6 +605,7 @@ def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = F
             source_name=_describe_source(source),
             cast=cast,
             rename=rename,
+            hint_style=hint_style,
             fill=lambda spec: _last(spec.key) in TORCH_ONLY,
         ), target_module
     layers = target_module.describe(like)
@@ -633,6 +632,7 @@ def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = F
         targets,
         source_name=_describe_source(source),
         cast=cast,
+        hint_style=hint_style,
         rename=rename,
         ignorable=lambda key: _last(key) in TORCH_ONLY,
     ), target_module

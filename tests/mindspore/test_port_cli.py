@@ -81,3 +81,19 @@ def test_progress_bar_is_drawn_when_asked(at_root, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "100.0%" in err and "MiB/s" in err
     assert (tmp_path / "g.ckpt").is_file()
+
+
+def test_cli_names_the_dataparallel_prefix_as_a_rename_option_that_then_converts(at_root, tmp_path, capsys):
+    from examples.hifigan.torch_model import random_generator
+
+    # a checkpoint saved from torch.nn.DataParallel(generator): every key starts with "module."
+    state = {f"module.{k}": v.numpy() for k, v in random_generator().state_dict().items()}
+    source = tmp_path / "dp.safetensors"
+    write_safetensors(state, source)
+    like = "examples.hifigan.mindspore_model:wrapped_generator"
+    args = ["convert", str(source), "--to", "mindspore", "--like", like, "-o", str(tmp_path / "g.ckpt")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "under the prefix 'module.'" in err and "--rename '^=module.'" in err and "rename={" not in err
+    assert cli([*args, "--rename", "^=module.", "--quiet"]) == 0
+    assert (tmp_path / "g.ckpt").is_file()
