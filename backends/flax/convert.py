@@ -418,9 +418,14 @@ def candidate_keys(info: LayerInfo, name: str) -> List[str]:
 
 
 def _placed(array: np.ndarray, template: Any):
-    """``array`` as a jax array where ``template`` lives (its sharding), or on the default device."""
+    """``array`` as a jax array placed as ``template`` is: on its sharding where the template is committed
+    to one (a sharded model, an abstract one with shardings), else uncommitted on the default device, as
+    Flax's own initializers create parameters. A committed array where the model's were not changes the
+    signature of a jitted training step after its first call (its outputs follow the committed inputs),
+    so the second step compiled again."""
     sharding = getattr(template, "sharding", None)
-    if isinstance(template, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None:
+    committed = isinstance(template, jax.ShapeDtypeStruct) or getattr(template, "committed", False)
+    if isinstance(template, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None and committed:
         return jax.device_put(array, sharding)
     return jnp.asarray(array)
 

@@ -423,6 +423,35 @@ def test_nnx_outputs_agree_with_torch_after_load():
     assert len(comparison.outputs) == 3
 
 
+def test_nnx_training_after_load_compiles_its_step_once(caplog):
+    """Loaded arrays are created as Flax creates parameters (uncommitted): committed ones change the jit
+    signature after the first step (the optimizer's outputs follow them), and the second step compiled again."""
+    import optax
+
+    source = torch_zoo()
+    model = NNXZoo()
+    xnorm.convert(source.state_dict(), to="flax", like=model, load=True)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
+    x = tuple(jnp.asarray(a) for a in channels_last(inputs()))
+
+    @nnx.jit
+    def train_step(model, optimizer, x):
+        def loss(m):
+            return sum(jnp.mean(y**2) for y in m(*x))
+
+        optimizer.update(model, nnx.grad(loss)(model))
+
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(3):
+                train_step(model, optimizer, x)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+
+
 def test_linen_outputs_agree_with_torch():
     source = torch_zoo()
     variables = xnorm.convert(source.state_dict(), to="flax", like=linen_variables())
