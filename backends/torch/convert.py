@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -92,6 +93,19 @@ def _c_order(array: np.ndarray) -> np.ndarray:
     return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
+def _refused(error: Exception) -> str:
+    """What torch's weights-only unpickler refused, in one phrase: the global it met (a pickled module, a
+    custom class), else the unpickler's own line. torch's message is paragraphs of advice with terminal
+    colour codes, written for someone about to unpickle anyway."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the pickled object {found[1]}"
+    detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error:" in line), "")
+    detail = detail.partition("WeightsUnpickler error:")[2].strip() or (text.strip().splitlines() or [""])[0]
+    return f"it: {detail}" if detail else f"it ({type(error).__name__})"
+
+
 def _load_pt(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise CheckpointFileError(f"checkpoint file {os.fspath(path)!r} does not exist.")
@@ -113,10 +127,9 @@ def _load_pt(path: Path) -> Mapping[str, Any]:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format cannot be mapped
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointFileError(
             f"{os.fspath(path)!r} holds objects other than tensors, and xnorm never unpickles arbitrary objects "
-            f"(torch.load(weights_only=True) refused: {first_line}). Save the state dict alone: "
+            f"(torch.load(weights_only=True) refused {_refused(error)}). Save the state dict alone: "
             "torch.save(model.state_dict(), path)."
         ) from None
     except Exception as error:  # a damaged file fails anywhere in the unpickler: IndexError, KeyError, EOFError...
