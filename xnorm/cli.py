@@ -163,6 +163,13 @@ def _resolve_like(spec: str):
     try:
         obj = importlib.import_module(module_name)
     except ImportError as error:
+        missing = getattr(error, "name", None)
+        if missing and module_name != missing and not module_name.startswith(missing + "."):
+            # the module was found; something it imports is not installed here
+            raise OptionError(
+                f"--like {spec!r}: {module_name!r} was found but importing it failed: it needs {missing!r}, which "
+                f"is not installed in this environment ({error}). Install it, or run in the environment that has it."
+            ) from None
         raise OptionError(
             f"--like {spec!r}: cannot import {module_name!r} ({error}). Run from the folder that "
             "holds it, or install it."
@@ -177,28 +184,38 @@ def _resolve_like(spec: str):
 
 
 class _ProgressBar:
-    def __init__(self, enabled: bool) -> None:
+    """A bar redrawn in place on a terminal; elsewhere (a log file, CI) one line per tenth of the work,
+    since a carriage return there only piles every update onto one line."""
+
+    def __init__(self, enabled: bool, *, stream=None) -> None:
         self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.start = time.perf_counter()
         self.last = 0.0
+        self.tenths = -1
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if done < total and now - self.last < 0.2:
+        fraction = done / max(total, 1)
+        if self.terminal:
+            if done < total and now - self.last < 0.2:
+                return
+        elif int(10 * fraction) == self.tenths and done < total:
             return
-        self.last = now
+        self.last, self.tenths = now, int(10 * fraction)
         width = 30
-        filled = int(width * done / max(total, 1))
+        filled = int(width * fraction)
         rate = done / 2**20 / max(now - self.start, 1e-9)
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * done / max(total, 1):5.1f}% "
-            f"{done / 2**20:8.1f}/{total / 2**20:.1f} MiB {rate:7.1f} MiB/s"
-        )
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}% "
+                f"{done / 2**20:8.1f}/{total / 2**20:.1f} MiB {rate:7.1f} MiB/s")
+        if self.terminal:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
 
 
 def _convert(args) -> int:
@@ -211,6 +228,14 @@ def _convert(args) -> int:
     suffixes = OUTPUT_SUFFIXES[args.to]
     if not output.endswith(suffixes):
         raise OptionError(f"-o {args.output!r}: a {args.to} checkpoint is written as {' or '.join(suffixes)}.")
+    # before --like imports the user's model (and with it a framework, 15 s for MindSpore)
+    if not os.path.exists(args.source):
+        from .errors import CheckpointFileError
+
+        raise CheckpointFileError(f"checkpoint file {args.source!r} does not exist.")
+    if not os.path.isdir(os.path.dirname(output)):
+        folder = os.path.dirname(output)
+        raise OptionError(f"-o {args.output!r}: the folder {folder!r} does not exist; create it first.")
     rename = {}
     for rule in args.rename or ():
         pattern, sep, replacement = rule.partition("=")

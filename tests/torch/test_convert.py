@@ -227,3 +227,43 @@ def test_cli_rejects_a_bad_like_and_output(tmp_path, capsys):
     assert cli(["convert", str(src), "--to", "torch", "--like", "os:path", "-o", str(src)]) == 2
     assert "is the source file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_cli_checks_its_files_before_importing_the_like_module(tmp_path, capsys, monkeypatch):
+    # importing this --like module would leave a marker: a slow framework import must not come first
+    (tmp_path / "marks_import.py").write_text("open(__file__ + '.imported', 'w').close()\ndef f():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "m.safetensors"
+    porting.write_safetensors({"a": np.ones(2, np.float32)}, src)
+    like = ["--like", "marks_import:f"]
+    assert cli(["convert", str(tmp_path / "absent.pt"), "--to", "torch", *like, "-o", str(tmp_path / "o.pt")]) == 2
+    assert "absent.pt' does not exist" in capsys.readouterr().err
+    assert cli(["convert", str(src), "--to", "torch", *like, "-o", str(tmp_path / "no" / "o.pt")]) == 2
+    assert "does not exist; create it first" in capsys.readouterr().err
+    assert not (tmp_path / "marks_import.py.imported").exists()
+
+
+def test_cli_names_the_missing_dependency_of_the_like_module(tmp_path, capsys, monkeypatch):
+    (tmp_path / "needs_a_package.py").write_text("import no_such_package_xyz\n")
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "m.safetensors"
+    porting.write_safetensors({"a": np.ones(2, np.float32)}, src)
+    args = ["convert", str(src), "--to", "torch", "--like", "needs_a_package:f", "-o", str(tmp_path / "o.pt")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "'needs_a_package' was found but importing it failed: it needs 'no_such_package_xyz'" in err
+    assert "Run from the folder" not in err
+
+
+def test_progress_outside_a_terminal_is_one_line_per_tenth():
+    import io
+
+    from xnorm.cli import _ProgressBar
+
+    log = io.StringIO()  # not a terminal, as a CI log or a redirected stderr
+    bar = _ProgressBar(True, stream=log)
+    for done in range(0, 1001, 5):
+        bar(done, 1000)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 11
+    assert lines[0].split("]")[1].split()[0] == "0.0%" and lines[-1].split("]")[1].split()[0] == "100.0%"
