@@ -298,7 +298,7 @@ class Step:
 
     def describe(self) -> str:
         changes = []
-        if self.source.key != self.target.key:
+        if _path(self.source.key) != _path(self.target.key):
             changes.append("renamed")
         if self.layout.unit_axes:
             changes.append("reshaped")
@@ -348,6 +348,17 @@ class Plan:
 
 def _last(key: str) -> str:
     return key.rsplit(".", 1)[-1]
+
+
+#: Flax variable collections a key may start with; they name where a tensor lives, not the tensor
+_COLLECTIONS = ("params", "batch_stats")
+
+
+def _path(key: str) -> Tuple[str, ...]:
+    """A key's segments whatever the framework's separator, without a leading Flax collection: torch's
+    ``fc.bias`` and Flax's ``params/fc/bias`` are the same name."""
+    segments = tuple(re.split(r"[./]", key))
+    return segments[1:] if len(segments) > 1 and segments[0] in _COLLECTIONS else segments
 
 
 def _numpy_dtype(name: str):

@@ -95,6 +95,14 @@ def _flax_dense_targets():
     ]
 
 
+def test_summary_calls_a_tensor_renamed_only_when_its_name_changed():
+    source = {"fc.weight": _ref("fc.weight", np.ones((5, 3), np.float32)),
+              "fc.bias": _ref("fc.bias", np.ones(5, np.float32))}
+    steps = {step.target.key: step.describe() for step in plan(source, _flax_dense_targets(), source_name="s").steps}
+    # params/fc/bias is torch's fc.bias in Flax's spelling; kernel is another name for weight
+    assert steps == {"params/fc/kernel": "renamed, transposed", "params/fc/bias": "copied"}
+
+
 def test_plan_maps_every_target_once_and_converts_values():
     rng = np.random.default_rng(2)
     weight = rng.standard_normal((5, 3)).astype(np.float32)
