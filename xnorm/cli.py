@@ -244,7 +244,7 @@ def _convert(args) -> int:
         rename[pattern] = replacement
     like = _resolve_like(args.like)
     plan, target = porting._plan(
-        args.source, to=args.to, like=like, rename=rename or None, cast=args.cast, hint_style="cli"
+        args.source, to=args.to, like=like, rename=rename or None, cast=args.cast, hint_style="cli", entry=args.entry
     )
     show = not args.quiet and (args.progress or plan.nbytes >= PROGRESS_THRESHOLD_BYTES)
     porting._write(plan, target, like, output, progress=_ProgressBar(show))
@@ -287,6 +287,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="append",
         metavar="REGEX=REPLACEMENT",
         help="applied to each key derived from the target to give the source key (repeatable)",
+    )
+    convert.add_argument(
+        "--entry",
+        metavar="KEY",
+        help="the state dict to convert when the checkpoint holds several ({'generator': ..., 'optimizer': ...})",
     )
     convert.add_argument("--cast", action="store_true", help="cast floating tensors to the target's dtypes")
     bar = convert.add_mutually_exclusive_group()

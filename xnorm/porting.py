@@ -237,25 +237,77 @@ def _loaded_framework_modules() -> List[Tuple[str, Any]]:
     return out
 
 
+#: file format -> the framework whose reader reads it
+FORMAT_FRAMEWORKS = {"safetensors": "torch", "pt": "torch", "ckpt": "mindspore", "msgpack": "flax"}
+#: file suffix -> file format
 FILE_SUFFIXES = {
-    ".safetensors": "torch",
-    ".pt": "torch",
-    ".pth": "torch",
-    ".bin": "torch",
-    ".ckpt": "mindspore",
-    ".msgpack": "flax",
+    ".safetensors": "safetensors",
+    ".pt": "pt",
+    ".pth": "pt",
+    ".bin": "pt",
+    ".ckpt": "ckpt",
+    ".msgpack": "msgpack",
 }
+
+
+def file_format(path: Union[str, os.PathLike]) -> str:
+    """The format of a checkpoint file: from its suffix when it has a known one, else from its first bytes
+    (released checkpoints are often named ``g_02500000``): a zip archive (torch.save) or a pickle with its
+    protocol byte (torch before 1.6) is ``"pt"``; an 8-byte little-endian header length followed by ``{`` is
+    ``"safetensors"``; a MessagePack map (flax.serialization) is ``"msgpack"``; a protobuf message opening
+    with field 1 (MindSpore's Checkpoint) is ``"ckpt"``.
+
+    Raises:
+        CheckpointFileError: the file does not exist, or its content is none of these.
+    """
+    path = Path(path)
+    if path.suffix in FILE_SUFFIXES:
+        return FILE_SUFFIXES[path.suffix]
+    if not path.is_file():
+        raise CheckpointFileError(f"checkpoint file {os.fspath(path)!r} does not exist.")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pt"
+    if len(head) > 8 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
+        return "safetensors"
+    # a non-empty map (fixmap, map16, map32) whose first key is a string (fixstr, str8/16/32), as
+    # flax.serialization writes them
+    key_at = None
+    if head and 0x81 <= head[0] <= 0x8F:
+        key_at = 1
+    elif head[:1] in (b"\xde", b"\xdf"):
+        key_at = 3 if head[0] == 0xDE else 5
+    if key_at is not None and len(head) > key_at and (0xA0 <= head[key_at] <= 0xBF or 0xD9 <= head[key_at] <= 0xDB):
+        return "msgpack"
+    if head[:1] == b"\x0a":
+        return "ckpt"
+    raise CheckpointFileError(
+        f"cannot tell the format of {os.fspath(path)!r}: its suffix {path.suffix!r} is none of "
+        f"{', '.join(sorted(FILE_SUFFIXES))} and its first bytes {head[:8]!r} are not those of a torch, safetensors, "
+        "MindSpore or Flax checkpoint (truncated or corrupt?)."
+    )
+
+
+def pick_entry(source: Any, entry: Optional[str], where: str) -> Tuple[Any, str]:
+    """``source[entry]`` and where it came from, for a checkpoint holding several state dicts; ``source``
+    itself when ``entry`` is None. Raises ConversionError naming the entries there are."""
+    if entry is None:
+        return source, where
+    if not isinstance(source, Mapping) or entry not in source:
+        entries = [repr(k) for k, v in source.items() if isinstance(v, Mapping)] if isinstance(source, Mapping) else []
+        raise ConversionError(
+            f"{where} has no entry {entry!r}"
+            + (f"; its entries holding state dicts are {', '.join(entries)}." if entries else
+               ": it is a single state dict. Leave entry out.")
+        )
+    return source[entry], f"{where}[{entry!r}]"
 
 
 def _source_framework(source: Any, to: str) -> str:
     if isinstance(source, (str, os.PathLike)):
-        suffix = Path(source).suffix
-        if suffix not in FILE_SUFFIXES:
-            raise CheckpointFileError(
-                f"cannot tell the format of {os.fspath(source)!r} from its suffix {suffix!r}; xnorm reads "
-                f"{', '.join(sorted(FILE_SUFFIXES))}. Rename the file, or load it yourself and pass the state dict."
-            )
-        return FILE_SUFFIXES[suffix]
+        return FORMAT_FRAMEWORKS[file_format(source)]
     if to != "torch":
         return "torch"
     for name, module in _loaded_framework_modules():
@@ -559,6 +611,7 @@ def convert(
     cast: bool = False,
     load: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    entry: Optional[str] = None,
 ) -> Any:
     """Convert a checkpoint between torch and MindSpore or Flax, strictly.
 
@@ -581,6 +634,9 @@ def convert(
             strictly; NNX: ``nnx.update``; torch: ``load_state_dict(strict=True)``); linen variables
             are immutable, so it is an error there.
         progress: called as ``progress(bytes_done, bytes_total)`` after each tensor.
+        entry: the state dict to convert when ``source`` holds several (a torch checkpoint such as
+            ``{"generator": ..., "optimizer": ...}``, a Flax training checkpoint): its key. A file
+            without a known suffix (``g_02500000``) is read by its content, so only the entry is needed.
 
     Returns:
         MindSpore: ``{name: Parameter}`` ready for ``mindspore.load_param_into_net(like, result)``.
@@ -595,18 +651,21 @@ def convert(
         OptionError, BackendNotInstalledError.
         ``like``, ``source`` and any file are unchanged whenever an error is raised.
     """
-    plan_, target_module = _plan(source, to=to, like=like, rename=rename, cast=cast)
+    plan_, target_module = _plan(source, to=to, like=like, rename=rename, cast=cast, entry=entry)
     return _execute(plan_, target_module, like, load=load, progress=progress)
 
 
-def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = False, hint_style: str = "python"):
+def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = False, hint_style: str = "python",
+          entry: Optional[str] = None):
     if not isinstance(cast, bool):
         raise OptionError(f"cast must be True or False, got {cast!r}.")
+    if entry is not None and not isinstance(entry, str):
+        raise OptionError(f"entry must be the key of one state dict in the source (a str), got {entry!r}.")
     target_module = _framework(to)
     _model_framework(like, to)
     source_name = _source_framework(source, to)
     source_module = _framework(source_name)
-    refs = source_module.read(source)
+    refs = source_module.read(source) if entry is None else source_module.read(source, entry=entry)
     if to == "torch":
         layers = target_module.describe(like)
         targets = _targets_for_torch_model(source_name, source_module, layers)

@@ -62,6 +62,7 @@ from xnorm.porting import (
     TensorSpec,
     atomic_write,
     output_leaves,
+    pick_entry,
 )
 from xnorm.spec import LayerKind, SpectralNorm
 
@@ -200,11 +201,12 @@ def _array_ref(key: str, value: Any, where: str) -> ArrayRef:
     return ArrayRef(key, _shape(value), _dtype_name(value), lambda value=value: np.asarray(value))
 
 
-def read(source: Any) -> Dict[str, ArrayRef]:
+def read(source: Any, *, entry: Optional[str] = None) -> Dict[str, ArrayRef]:
     """The tensors of a Flax source, indexed by ``/``-joined path (module docstring), data read lazily.
 
     Accepts an NNX module, an ``nnx.State``, linen variables (a nested dict or FrozenDict) or a nested
-    mapping of arrays such as ``nnx.to_pure_dict(state)``, and ``.msgpack`` paths holding either.
+    mapping of arrays such as ``nnx.to_pure_dict(state)``, and ``.msgpack`` paths holding either;
+    ``entry`` picks one of them out of a mapping holding several (a training checkpoint's ``"model"``).
     Never modifies ``source``.
 
     Raises:
@@ -222,6 +224,10 @@ def read(source: Any) -> Dict[str, ArrayRef]:
                 f"{where} holds a {type(source).__qualname__}, not a mapping of arrays (Flax variables or a state "
                 "dict). Save the model's variables: flax.serialization.to_bytes(variables)."
             )
+    if entry is not None and isinstance(source, (nnx.Module, nnx.State)):
+        raise OptionError(f"entry={entry!r} picks a state dict out of a checkpoint holding several; "
+                          f"{type(source).__qualname__} is one model's state. Leave entry out.")
+    source, where = pick_entry(source, entry, where)
     if isinstance(source, (nnx.Module, nnx.State)):
         refs = {}
         for path, variable in _nnx_variables(source):
@@ -245,8 +251,9 @@ def read(source: Any) -> Dict[str, ArrayRef]:
         listed = ", ".join(f"{_key(path)!r}: {type(leaf).__qualname__}" for path, leaf in others[:8])
         raise ConversionError(
             f"{where} is not a mapping of arrays: entries {listed} are not arrays. If it is a training "
-            "checkpoint (a TrainState with step and opt_state, or {'model': ..., 'step': ...}), pass the "
-            "model's variables alone, e.g. {'params': checkpoint['params']}."
+            "checkpoint (a TrainState with step and opt_state, or {'model': ..., 'step': ...}), name the entry "
+            "holding the model's variables (entry='model', --entry model), or pass them alone, e.g. "
+            "{'params': checkpoint['params']}."
         )
     if not leaves:
         raise ConversionError(f"{where} holds no arrays to convert.")

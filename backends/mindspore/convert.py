@@ -27,9 +27,10 @@ Layer kinds
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mindspore
 import numpy as np
@@ -44,6 +45,7 @@ from xnorm.porting import (
     LayerInfo,
     TensorSpec,
     atomic_write,
+    file_format,
     output_leaves,
 )
 from xnorm.spec import LayerKind
@@ -104,8 +106,15 @@ def _load_ckpt(path: Path) -> Mapping[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointFileError(f"checkpoint file {where} is empty (0 bytes); it was not written completely.")
     try:
-        # crc_check verifies the CRC that xnorm's save writes; files saved without one load as before.
-        return mindspore.load_checkpoint(os.fspath(path), crc_check=True)
+        if path.suffix == ".ckpt":
+            # crc_check verifies the CRC that xnorm's save writes; files saved without one load as before.
+            return mindspore.load_checkpoint(os.fspath(path), crc_check=True)
+        # mindspore.load_checkpoint refuses a name without .ckpt (released checkpoints often have none):
+        # read the file through a link that has the suffix
+        with tempfile.TemporaryDirectory() as folder:
+            link = Path(folder) / "checkpoint.ckpt"
+            os.symlink(os.path.abspath(path), link)
+            return mindspore.load_checkpoint(os.fspath(link), crc_check=True)
     except (ValueError, RuntimeError, TypeError, OSError, EOFError) as error:
         # MindSpore reports a truncated or corrupt protobuf, and a CRC mismatch, as a ValueError.
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -116,7 +125,7 @@ def _load_ckpt(path: Path) -> Mapping[str, Any]:
         ) from None
 
 
-def read(source: Any) -> Dict[str, ArrayRef]:
+def read(source: Any, *, entry: Optional[str] = None) -> Dict[str, ArrayRef]:
     """The tensors of a Cell, a ``{name: Tensor/Parameter}`` mapping or a ``.ckpt`` file, by parameter name.
 
     Nothing is copied until an :class:`ArrayRef` is loaded, and each load returns a fresh NumPy copy,
@@ -126,12 +135,17 @@ def read(source: Any) -> Dict[str, ArrayRef]:
         CheckpointFileError: a missing, empty, truncated or corrupt ``.ckpt`` file.
         ConversionError: an object that is none of these, or entries that are not tensors.
     """
+    if entry is not None:
+        raise OptionError(
+            f"entry={entry!r}: a MindSpore checkpoint is one flat mapping of parameters, with no entries to pick. "
+            "Leave entry out."
+        )
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.suffix != ".ckpt":
+        if file_format(path) != "ckpt":
             raise CheckpointFileError(
-                f"MindSpore checkpoints are read from .ckpt files; {os.fspath(path)!r} has suffix {path.suffix!r}. "
-                "Rename it, or load it with mindspore.load_checkpoint and pass the dict."
+                f"{os.fspath(path)!r} is not a MindSpore checkpoint (.ckpt, or a file holding one); load it with "
+                "its own framework, or pass mindspore.load_checkpoint's dict."
             )
         source = _load_ckpt(path)
         where = repr(os.fspath(path))

@@ -26,7 +26,7 @@ import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +41,9 @@ from xnorm.porting import (
     LayerInfo,
     TensorSpec,
     atomic_write,
+    file_format,
     output_leaves,
+    pick_entry,
     read_safetensors,
     write_safetensors,
 )
@@ -139,16 +141,21 @@ def _load_pt(path: Path) -> Mapping[str, Any]:
         ) from None
 
 
-def read(source: Any) -> Dict[str, ArrayRef]:
-    """A torch state dict, or a ``.safetensors``/``.pt``/``.pth``/``.bin`` file, indexed by its keys."""
+def read(source: Any, *, entry: Optional[str] = None) -> Dict[str, ArrayRef]:
+    """A torch state dict, or a ``.safetensors``/``.pt``/``.pth``/``.bin`` file (or one of these without a
+    known suffix), indexed by its keys; ``entry`` picks one state dict of a checkpoint holding several."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.suffix == ".safetensors":
+        if file_format(path) == "safetensors":
+            if entry is not None:
+                raise OptionError(f"{os.fspath(path)!r} is a safetensors file: a single flat state dict, with no "
+                                  f"entry {entry!r} to pick. Leave entry out.")
             return read_safetensors(path)
         source = _load_pt(path)
         where = repr(os.fspath(path))
     else:
         where = "the source"
+    source, where = pick_entry(source, entry, where)
     if isinstance(source, nn.Module):
         raise ConversionError(
             "source= is a torch module; pass its state dict (model.state_dict()) or a checkpoint path."
@@ -161,11 +168,13 @@ def read(source: Any) -> Dict[str, ArrayRef]:
     others = {k: type(v).__qualname__ for k, v in source.items() if not isinstance(v, torch.Tensor)}
     if others:
         listed = ", ".join(f"{k!r}: {t}" for k, t in list(others.items())[:8])
-        raise ConversionError(
-            f"{where} is not a plain state dict: entries {listed} are not tensors. If the state dict is nested "
-            "(as in {'generator': ..., 'optimizer': ...}), pass that entry: "
-            "xnorm.convert(torch.load(path, weights_only=True)['generator'], ...)."
+        nested = [k for k, v in source.items() if isinstance(v, Mapping)]
+        fix = (
+            f"It holds state dicts under {', '.join(map(repr, nested))}: name the one to convert, "
+            f"xnorm.convert(source, ..., entry={nested[0]!r}), or --entry {nested[0]} on the command line."
+            if nested else "Save model.state_dict() instead."
         )
+        raise ConversionError(f"{where} is not a plain state dict: entries {listed} are not tensors. {fix}")
     refs = {}
     for key, tensor in source.items():
         refs[key] = ArrayRef(key, tuple(tensor.shape), dtype_name(tensor.dtype), lambda t=tensor: _to_numpy(t))

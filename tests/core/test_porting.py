@@ -285,6 +285,9 @@ def test_safetensors_entry_with_a_bad_dtype(tmp_path):
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(CheckpointFileError, match="does not exist"):
         porting.read_safetensors(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointFileError, match="weights.h5' does not exist"):
+        porting._source_framework(str(tmp_path / "weights.h5"), "mindspore")
+    (tmp_path / "weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 32)  # an HDF5 (Keras) file
     with pytest.raises(CheckpointFileError, match="cannot tell the format"):
         porting._source_framework(str(tmp_path / "weights.h5"), "mindspore")
 
@@ -312,3 +315,50 @@ def test_convert_rejects_an_unknown_target_and_bad_options():
         porting.convert({}, to="keras", like=None)
     with pytest.raises(OptionError, match="cast must be True or False"):
         porting.convert({}, to="torch", like=None, cast="yes")
+
+
+# -- formats read by content ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"PK\x03\x04" + b"\0" * 40, "pt"),  # torch.save's zip archive
+        (b"\x80\x02" + b"\0" * 40, "pt"),  # torch.save before 1.6: a pickle, protocol 2
+        (b"\x82\xa6params\x80\xa5stats\x80", "msgpack"),  # flax.serialization: a map of 2 entries
+        (b"\x0a\x10" + b"\0" * 40, "ckpt"),  # MindSpore's Checkpoint protobuf: field 1 first
+    ],
+)
+def test_a_checkpoint_without_a_known_suffix_is_read_by_its_content(tmp_path, head, expected):
+    path = tmp_path / "g_02500000"
+    path.write_bytes(head)
+    assert porting.file_format(path) == expected
+
+
+def test_safetensors_without_a_suffix_and_the_suffix_first(tmp_path):
+    porting.write_safetensors({"a": np.ones(2, np.float32)}, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m").write_bytes(data)
+    assert porting.file_format(tmp_path / "m") == "safetensors"
+    (tmp_path / "m.pt").write_bytes(data)  # a known suffix wins: the reader then says what is wrong with the file
+    assert porting.file_format(tmp_path / "m.pt") == "pt"
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world, not a checkpoint", b"\x80\x09garbage"])
+def test_unknown_content_and_absent_files_are_checkpoint_errors(tmp_path, content):
+    path = tmp_path / "weights"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointFileError, match="cannot tell the format"):
+        porting.file_format(path)
+    with pytest.raises(CheckpointFileError, match="does not exist"):
+        porting.file_format(tmp_path / "absent")
+
+
+def test_pick_entry_names_the_entries_there_are():
+    nested = {"generator": {"w": 1}, "optimizer": {"state": {}}, "step": 3}
+    assert porting.pick_entry(nested, "generator", "'g'") == ({"w": 1}, "'g'['generator']")
+    assert porting.pick_entry(nested, None, "'g'") == (nested, "'g'")
+    with pytest.raises(ConversionError, match="no entry 'gen'; its entries holding state dicts are 'generator'"):
+        porting.pick_entry(nested, "gen", "'g'")
+    with pytest.raises(ConversionError, match="a single state dict. Leave entry out"):
+        porting.pick_entry({"w": 1}, "gen", "'g'")

@@ -552,6 +552,24 @@ def _sources(kind: str, tmp_path: Path):
     return source, path
 
 
+def test_back_from_a_msgpack_without_suffix_and_from_one_entry_of_a_training_checkpoint(tmp_path):
+    original, path = _sources("linen-file", tmp_path)
+    expected = torch_snapshot(original)
+    bare = tmp_path / "zoo_step_1000"  # read by its content: a msgpack map with string keys
+    bare.write_bytes(path.read_bytes())
+    assert porting.file_format(bare) == "msgpack"
+    state_dict = xnorm.convert(bare, to="torch", like=torch_zoo(seed=99))
+    assert all(torch.equal(state_dict[k], t) for k, t in expected.items())
+    # a training checkpoint: the variables beside a step count; entry= picks them
+    variables = serialization.msgpack_restore(path.read_bytes())
+    checkpoint = tmp_path / "train_state.msgpack"
+    checkpoint.write_bytes(serialization.msgpack_serialize({"model": variables, "step": 1000}))
+    with pytest.raises(ConversionError, match="not arrays"):
+        xnorm.convert(checkpoint, to="torch", like=torch_zoo(seed=99))
+    state_dict = xnorm.convert(checkpoint, to="torch", like=torch_zoo(seed=99), entry="model")
+    assert all(torch.equal(state_dict[k], t) for k, t in expected.items())
+
+
 @pytest.mark.parametrize(
     "kind", ["nnx-module", "nnx-state", "nnx-pure-dict", "nnx-file", "linen-variables", "linen-file"]
 )
@@ -799,7 +817,7 @@ def test_nested_checkpoint(target, tmp_path):
     nested = {"generator": torch_zoo().state_dict(), "step": torch.tensor(3)}
     with pytest.raises(ConversionError) as error:
         xnorm.convert(nested, to="flax", like=target, load=True)
-    assert "entries 'generator'" in str(error.value) and "['generator']" in str(error.value)
+    assert "entries 'generator'" in str(error.value) and "entry='generator'" in str(error.value)
     path = tmp_path / "nested.pt"
     torch.save(nested, path)
     with pytest.raises(ConversionError, match="not a plain state dict"):

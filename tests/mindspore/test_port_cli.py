@@ -97,3 +97,26 @@ def test_cli_names_the_dataparallel_prefix_as_a_rename_option_that_then_converts
     assert "under the prefix 'module.'" in err and "--rename '^=module.'" in err and "rename={" not in err
     assert cli([*args, "--rename", "^=module.", "--quiet"]) == 0
     assert (tmp_path / "g.ckpt").is_file()
+
+
+def test_cli_reads_a_released_checkpoint_without_suffix_and_picks_its_entry(at_root, tmp_path, capsys):
+    from examples.hifigan.torch_model import random_generator
+
+    # as HiFi-GAN's releases are: g_02500000, torch.save({'generator': state_dict}) with other entries beside
+    state = random_generator().state_dict()
+    source = tmp_path / "g_02500000"
+    torch.save({"generator": state, "optimizer": {"lr": 2e-4}, "steps": 2500000}, source)
+    like = "examples.hifigan.mindspore_model:wrapped_generator"
+    args = ["convert", str(source), "--to", "mindspore", "--like", like, "-o", str(tmp_path / "g.ckpt")]
+    assert cli(args) == 2
+    assert "--entry generator" in capsys.readouterr().err
+    assert cli([*args, "--entry", "gen"]) == 2
+    assert "no entry 'gen'; its entries holding state dicts are 'generator', 'optimizer'" in capsys.readouterr().err
+    assert cli([*args, "--entry", "generator", "--quiet"]) == 0
+    # the MindSpore checkpoint it wrote is recognised by its content too, and converts back bit-exactly
+    bare = tmp_path / "g_ms"
+    bare.write_bytes((tmp_path / "g.ckpt").read_bytes())
+    back = ["convert", str(bare), "--to", "torch", "--like", "examples.hifigan.torch_model:Generator"]
+    assert cli([*back, "-o", str(tmp_path / "back.pt"), "--quiet"]) == 0
+    restored = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(restored[k], state[k]) for k in state)

@@ -78,8 +78,10 @@ def test_a_pickled_module_is_refused(tmp_path):
 def test_a_nested_checkpoint_names_the_entry_to_pass(tmp_path):
     path = tmp_path / "nested.pt"
     torch.save({"generator": _model().state_dict(), "steps": 3}, path)
-    with pytest.raises(ConversionError, match=r"\['generator'\]"):
+    with pytest.raises(ConversionError, match=r"entry='generator'\), or --entry generator"):
         torch_convert.read(path)
+    # and that entry is then read, keys as the state dict has them
+    assert list(torch_convert.read(path, entry="generator")) == list(_model().state_dict())
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.95])
