@@ -151,8 +151,28 @@ PROGRESS_THRESHOLD_BYTES = 64 * 2**20
 OUTPUT_SUFFIXES = {"mindspore": (".ckpt",), "flax": (".msgpack",), "torch": (".safetensors", ".pt", ".pth")}
 
 
-def _resolve_like(spec: str):
-    """``module:attribute`` -> the object, called when callable (a factory)."""
+def _like_arguments(pairs) -> dict:
+    """``--like-arg KEY=VALUE`` pairs as keyword arguments: VALUE read as JSON (numbers, true, lists,
+    objects, quoted strings) and otherwise taken as the string it is (``config=v1``)."""
+    import json
+
+    from .errors import OptionError
+
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise OptionError(f"--like-arg {pair!r} must be NAME=VALUE, e.g. --like-arg config=v1 or --like-arg "
+                              "channels=512.")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _resolve_like(spec: str, kwargs: Optional[dict] = None):
+    """``module:attribute`` -> the object, called (with ``kwargs``) when callable (a factory)."""
     from .errors import OptionError
 
     module_name, sep, attribute = spec.partition(":")
@@ -180,7 +200,18 @@ def _resolve_like(spec: str):
         obj = getattr(obj, part)
     # A factory (function, class, functools.partial) is called; a model object (modules are callable too) is used as is.
     factory = inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj) or isinstance(obj, partial)
-    return obj() if factory else obj
+    if not factory:
+        if kwargs:
+            raise OptionError(f"--like {spec!r} is a model object, not a factory: it takes no --like-arg.")
+        return obj
+    try:
+        inspect.signature(obj).bind(**(kwargs or {}))
+    except TypeError as error:
+        raise OptionError(f"--like {spec!r} cannot be called with {kwargs or 'no arguments'}: {error}. "
+                          "Pass its arguments as --like-arg NAME=VALUE.") from None
+    except ValueError:  # no signature to check (a builtin): the call says what is wrong
+        pass
+    return obj(**(kwargs or {}))
 
 
 class _ProgressBar:
@@ -242,7 +273,7 @@ def _convert(args) -> int:
         if not sep:
             raise OptionError(f"--rename {rule!r} must be REGEX=REPLACEMENT.")
         rename[pattern] = replacement
-    like = _resolve_like(args.like)
+    like = _resolve_like(args.like, _like_arguments(args.like_arg))
     plan, target = porting._plan(
         args.source, to=args.to, like=like, rename=rename or None, cast=args.cast, hint_style="cli", entry=args.entry
     )
@@ -287,6 +318,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="append",
         metavar="REGEX=REPLACEMENT",
         help="applied to each key derived from the target to give the source key (repeatable)",
+    )
+    convert.add_argument(
+        "--like-arg",
+        action="append",
+        metavar="NAME=VALUE",
+        help="keyword argument of the --like factory, VALUE as JSON or a plain string (repeatable)",
     )
     convert.add_argument(
         "--entry",

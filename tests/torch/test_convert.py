@@ -269,3 +269,27 @@ def test_progress_outside_a_terminal_is_one_line_per_tenth():
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 11
     assert lines[0].split("]")[1].split()[0] == "0.0%" and lines[-1].split("]")[1].split()[0] == "100.0%"
+
+
+def test_like_factories_take_arguments(tmp_path, monkeypatch, capsys):
+    from xnorm.cli import _like_arguments, _resolve_like
+    from xnorm.errors import OptionError
+
+    (tmp_path / "zoo_factories.py").write_text(
+        "def build(config='v1', width=2, sizes=()):\n    return {'config': config, 'width': width, 'sizes': sizes}\n"
+        "MODEL = object()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    kwargs = _like_arguments(["config=v2", "width=512", "sizes=[3, 7, 11]"])
+    assert kwargs == {"config": "v2", "width": 512, "sizes": [3, 7, 11]}  # JSON where it parses, else a string
+    assert _resolve_like("zoo_factories:build", kwargs) == {"config": "v2", "width": 512, "sizes": [3, 7, 11]}
+    assert _resolve_like("zoo_factories:build") == {"config": "v1", "width": 2, "sizes": ()}
+    with pytest.raises(OptionError, match="cannot be called with .*unexpected keyword argument 'depth'"):
+        _resolve_like("zoo_factories:build", {"depth": 3})
+    with pytest.raises(OptionError, match="a model object, not a factory"):
+        _resolve_like("zoo_factories:MODEL", {"width": 3})
+    src = tmp_path / "m.safetensors"
+    porting.write_safetensors({"a": np.ones(2, np.float32)}, src)
+    args = ["convert", str(src), "--to", "torch", "--like", "zoo_factories:build", "-o", str(tmp_path / "o.pt")]
+    assert cli([*args, "--like-arg", "no equals sign"]) == 2
+    assert "must be NAME=VALUE" in capsys.readouterr().err
