@@ -174,11 +174,14 @@ def framework_name_of(framework: str, kind: str, torch_name: str) -> Optional[st
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-    """One tensor the target model needs: its key in the target's own naming, shape and dtype name."""
+    """One tensor the target model needs: its key in the target's own naming, shape and dtype name.
+    ``alias_of`` names another target key holding the very same tensor (a torch module registered under
+    two names, as a TCN block keeps ``conv1`` and ``net.0``): it is filled with that key's values."""
 
     key: str
     shape: Tuple[int, ...]
     dtype: str
+    alias_of: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -204,6 +207,9 @@ class ArrayRef:
     shape: Tuple[int, ...]
     dtype: str
     load: Callable[[], Any]
+    #: the source key of the tensor this one shares its storage with (the same torch tensor saved under two
+    #: names); such a key is used through that one and is never "unexpected"
+    alias_of: Optional[str] = None
 
     @property
     def nbytes(self) -> int:
@@ -378,6 +384,8 @@ class Plan:
     steps: List[Step]
     skipped: List[str]  # source keys deliberately not used (torch-only entries)
     filled: List[TensorSpec]  # target tensors with no counterpart, zero-filled (torch-only entries)
+    aliases: List[TensorSpec] = dataclasses.field(default_factory=list)  # targets filled from their alias_of
+    shared: List[str] = dataclasses.field(default_factory=list)  # source keys read through the tensor they share
 
     @property
     def nbytes(self) -> int:
@@ -395,6 +403,12 @@ class Plan:
         if self.filled:
             names = ", ".join(sorted({_last(t.key) for t in self.filled}))
             lines.append(f"  zero-filled {len(self.filled)} torch-only entries ({names})")
+        if self.shared:
+            lines.append(f"  {len(self.shared)} source keys name a tensor already mapped under another key "
+                         f"(shared modules, e.g. {self.shared[0]})")
+        if self.aliases:
+            lines.append(f"  {len(self.aliases)} target keys are the same tensor as another (shared modules, e.g. "
+                         f"{self.aliases[0].key} = {self.aliases[0].alias_of})")
         return "\n".join(lines)
 
 
@@ -487,7 +501,17 @@ def plan(
     used: Dict[str, str] = {}
     steps: List[Step] = []
     filled: List[TensorSpec] = []
+    aliases: List[TensorSpec] = []
+    # a shared tensor is filled once, from whichever of its names the source has
+    alias_candidates: Dict[str, List[str]] = {}
+    for spec, candidates, _, _ in targets:
+        if spec.alias_of is not None:
+            alias_candidates.setdefault(spec.alias_of, []).extend(candidates)
     for spec, candidates, storage, to_storage in targets:
+        if spec.alias_of is not None:
+            aliases.append(spec)
+            continue
+        candidates = [*candidates, *alias_candidates.get(spec.key, ())]
         keys = list(dict.fromkeys(rename_key(c) for c in candidates))
         found = [k for k in keys if k in source]
         if not found:
@@ -527,7 +551,11 @@ def plan(
             continue
         steps.append(Step(spec, ref, storage, to_storage, needs_cast))
     skipped = [k for k in source if k not in used and ignorable(k)]
-    leftover = [k for k in source if k not in used and not ignorable(k)]
+    # keys of one shared tensor form a group (rooted at the first key); a group that filled a target is used
+    root = lambda key: source[key].alias_of or key  # noqa: E731
+    used_roots = {root(k) for k in used}
+    shared = [k for k in source if k not in used and root(k) in used_roots]
+    leftover = [k for k in source if k not in used and not ignorable(k) and k not in shared]
     unexpected = [f"{k} {tuple(source[k].shape)}" for k in leftover]
     if missing or unexpected or mismatched:
         hints = diagnose(Leftovers(tuple(looked_for), tuple(leftover), tuple(shape_mismatches)), style=hint_style)
@@ -537,7 +565,7 @@ def plan(
             unexpected=unexpected,
             mismatched=mismatched,
         )
-    return Plan(steps, skipped, filled)
+    return Plan(steps, skipped, filled, aliases, shared)
 
 
 def _is_float(dtype: str) -> bool:
@@ -696,7 +724,12 @@ def _plan(source: Any, *, to: str, like: Any, rename: Any = None, cast: bool = F
             + "\nfix: keep one key of each pair.",
             mismatched=clashes,
         )
-    refs = {canonical: dataclasses.replace(ref, key=canonical) for canonical, ref in by_canonical.items()}
+    refs = {
+        canonical: dataclasses.replace(
+            ref, key=canonical, alias_of=None if ref.alias_of is None else canonical_torch_key(ref.alias_of)
+        )
+        for canonical, ref in by_canonical.items()
+    }
     return plan(
         refs,
         targets,
@@ -725,11 +758,13 @@ class _ConvertedArrays(Mapping):
     def __init__(self, plan_: Plan, progress) -> None:
         self._steps = {step.target.key: step for step in plan_.steps}
         self._filled = {spec.key: spec for spec in plan_.filled}
+        self._aliases = {spec.key: spec.alias_of for spec in plan_.aliases}
         self._progress = progress
         self._total = plan_.nbytes
         self._done = 0
 
     def __getitem__(self, key: str):
+        key = self._aliases.get(key, key)
         if key in self._filled:
             import numpy as np
 
@@ -743,13 +778,13 @@ class _ConvertedArrays(Mapping):
         return array
 
     def __contains__(self, key) -> bool:  # Mapping's default would convert the tensor to answer
-        return key in self._steps or key in self._filled
+        return key in self._steps or key in self._filled or key in self._aliases
 
     def __iter__(self):
-        return iter([*self._steps, *self._filled])
+        return iter([*self._steps, *self._filled, *self._aliases])
 
     def __len__(self) -> int:
-        return len(self._steps) + len(self._filled)
+        return len(self._steps) + len(self._filled) + len(self._aliases)
 
 
 def _execute(plan_: Plan, target_module, like: Any, *, load: bool, progress=None):

@@ -176,9 +176,25 @@ def read(source: Any, *, entry: Optional[str] = None) -> Dict[str, ArrayRef]:
         )
         raise ConversionError(f"{where} is not a plain state dict: entries {listed} are not tensors. {fix}")
     refs = {}
+    first_of: Dict[tuple, str] = {}  # a tensor saved under several names (a shared module) is one tensor
     for key, tensor in source.items():
-        refs[key] = ArrayRef(key, tuple(tensor.shape), dtype_name(tensor.dtype), lambda t=tensor: _to_numpy(t))
+        identity = _storage_identity(tensor)
+        alias_of = first_of.setdefault(identity, key) if identity is not None else key
+        refs[key] = ArrayRef(key, tuple(tensor.shape), dtype_name(tensor.dtype), lambda t=tensor: _to_numpy(t),
+                             alias_of=None if alias_of == key else alias_of)
     return refs
+
+
+def _storage_identity(tensor: torch.Tensor) -> Optional[tuple]:
+    """What makes two tensors the same tensor: storage, offset, shape, strides and dtype (None for a tensor
+    without storage, such as a meta tensor)."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if pointer == 0:
+        return None
+    return (pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
 
 def _layer_path(key: str) -> tuple:
@@ -193,7 +209,9 @@ def _layer_path(key: str) -> tuple:
 def describe(like: nn.Module) -> List[LayerInfo]:
     modules = dict(like.named_modules())
     layers: Dict[tuple, LayerInfo] = OrderedDict()
+    first_of: Dict[int, str] = {}  # a parameter registered under two names is filled once, the same tensor
     for key, tensor in like.state_dict(keep_vars=True).items():
+        alias_of = first_of.setdefault(id(tensor), key)
         segments, name = _layer_path(key)
         if segments not in layers:
             module = modules.get(".".join(segments))
@@ -202,7 +220,8 @@ def describe(like: nn.Module) -> List[LayerInfo]:
                 # parametrize swaps the class for a subclass: look through it.
                 kind = next((k for cls, k in _KINDS.items() if isinstance(module, cls)), "generic")
             layers[segments] = LayerInfo(segments, kind, {})
-        layers[segments].params[name] = TensorSpec(key, tuple(tensor.shape), dtype_name(tensor.dtype))
+        layers[segments].params[name] = TensorSpec(key, tuple(tensor.shape), dtype_name(tensor.dtype),
+                                                   alias_of=None if alias_of == key else alias_of)
     return list(layers.values())
 
 

@@ -362,3 +362,29 @@ def test_pick_entry_names_the_entries_there_are():
         porting.pick_entry(nested, "gen", "'g'")
     with pytest.raises(ConversionError, match="a single state dict. Leave entry out"):
         porting.pick_entry({"w": 1}, "gen", "'g'")
+
+
+def test_a_shared_tensor_fills_every_name_and_no_alias_is_unexpected():
+    weight = np.arange(6, dtype=np.float32).reshape(2, 3)
+    layout2 = porting.layout("mindspore", "linear", "weight", 2)
+    # the source saved one tensor under two names (a module registered as conv1 and net.0)
+    source = {
+        "conv1.weight": _ref("conv1.weight", weight),
+        "net.0.weight": ArrayRef("net.0.weight", (2, 3), "float32", lambda: weight, alias_of="conv1.weight"),
+    }
+    one_name = [(TensorSpec("net.0.weight", (2, 3), "float32"), ["net.0.weight"], layout2, True)]
+    result = plan(source, one_name, source_name="src")  # strict: conv1.weight is not "unexpected"
+    assert result.shared == ["conv1.weight"] and "already mapped under another key" in result.summary()
+    # the target holds it under two names too, and the source has only the second: both are filled
+    two_names = [
+        (TensorSpec("conv1.weight", (2, 3), "float32"), ["conv1.weight"], layout2, True),
+        (TensorSpec("net.0.weight", (2, 3), "float32", alias_of="conv1.weight"), ["net.0.weight"], layout2, True),
+    ]
+    result = plan({"net.0.weight": _ref("net.0.weight", weight)}, two_names, source_name="src")
+    arrays = porting._ConvertedArrays(result, None)
+    assert sorted(arrays) == ["conv1.weight", "net.0.weight"]
+    np.testing.assert_array_equal(arrays["conv1.weight"], weight)
+    np.testing.assert_array_equal(arrays["net.0.weight"], weight)
+    # an unrelated leftover is still reported
+    with pytest.raises(ConversionError, match="1 unexpected"):
+        plan({**source, "other": _ref("other", weight)}, one_name, source_name="src")

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import xnorm
+from xnorm import porting
 from xnorm.errors import CheckpointFileError, ConversionError, OptionError
 from xnorm.porting import save, write_safetensors
 
@@ -700,3 +701,46 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     assert params["conv.weight_v"].shape == (64, 80, 1, 7)
     xnorm.compare(reference, net, namespace["mel"]).assert_close()
     _assert_torch_state_equal(state, reference)
+
+
+# -- shared modules (a TCN block registers its conv as conv1 and as net.0) -----------------------------------
+
+
+class _TorchSharedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = xnorm.weight_norm(nn.Conv1d(3, 4, 3, padding=1))
+        self.net = nn.Sequential(self.conv1, nn.ReLU())
+        self.out = nn.Conv1d(4, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.net(x))
+
+
+class _MsSharedBlock(msnn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = xnorm.weight_norm(msnn.Conv1d(3, 4, 3, pad_mode="pad", padding=1, has_bias=True))
+        self.net = msnn.SequentialCell([self.conv1, msnn.ReLU()])
+        self.out = msnn.Conv1d(4, 2, 1, has_bias=True)
+
+    def construct(self, x):
+        return self.out(self.net(x))
+
+
+def test_a_module_shared_under_two_names_converts_both_ways():
+    torch.manual_seed(0)
+    source = _TorchSharedBlock()
+    assert "conv1.bias" in source.state_dict() and "net.0.bias" in source.state_dict()  # both names, one tensor
+    target = _MsSharedBlock()
+    xnorm.convert(source.state_dict(), to="mindspore", like=target, load=True)  # strict: nothing left over
+    x = np.random.default_rng(0).standard_normal((2, 3, 9)).astype(np.float32)
+    assert xnorm.compare(source, target, [x]).ok
+    # back: the torch model's two names of the shared tensors are both filled, from MindSpore's one
+    back = _TorchSharedBlock()
+    state = xnorm.convert(target, to="torch", like=back, load=True)
+    assert list(state) == list(source.state_dict())
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    plan, _ = porting._plan(source.state_dict(), to="mindspore", like=_MsSharedBlock())
+    assert "source keys name a tensor already mapped under another key" in plan.summary()
