@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import nnx
+from flax_trees import assert_same, snapshot
 
 import xnorm
 from xnorm.errors import (
@@ -23,16 +24,6 @@ from xnorm.errors import (
 X = jnp.ones((2, 3), jnp.float32)
 
 
-def snapshot(tree):
-    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
-
-
-def assert_same(tree, saved):
-    leaves, structure = jax.tree.flatten(tree)
-    saved_leaves, saved_structure = jax.tree.flatten(saved)
-    assert structure == saved_structure
-    for a, b in zip(leaves, saved_leaves, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def linen_dense():

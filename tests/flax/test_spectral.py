@@ -19,6 +19,7 @@ import pytest
 import torch
 from flax import linen as nn
 from flax import nnx
+from flax_trees import assert_same, snapshot
 from torch.nn.utils import parametrizations
 
 import xnorm
@@ -470,16 +471,6 @@ def test_flax_nnx_spectral_norm_overwrites_the_kernel_xnorm_does_not():
 # ------------------------------------------------------------------------------------------------
 # Refusals: each leaves the layer and its variables as they were
 # ------------------------------------------------------------------------------------------------
-def snapshot(tree):
-    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
-
-
-def assert_unchanged(tree, saved):
-    leaves, structure = jax.tree.flatten(tree)
-    saved_leaves, saved_structure = jax.tree.flatten(saved)
-    assert structure == saved_structure
-    for a, b in zip(leaves, saved_leaves, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 LINEN_REFUSALS = {
@@ -502,7 +493,7 @@ def test_linen_refusals_change_nothing(case):
     saved = snapshot(variables)
     with pytest.raises(error, match=message):
         xnorm.wrap(nn.Dense(4), xnorm.SpectralNorm(**spec_options), variables=variables, **options)
-    assert_unchanged(variables, saved)
+    assert_same(variables, saved)
 
 
 def test_linen_refusals_without_variables():
@@ -523,7 +514,7 @@ def test_linen_refusals_without_variables():
     saved = snapshot(integer)
     with pytest.raises(NonFloatingParameterError):
         xnorm.spectral_norm(nn.Dense(4), variables=integer, rngs=0)
-    assert_unchanged(integer, saved)
+    assert_same(integer, saved)
 
 
 def test_nnx_refusals_change_nothing():
@@ -542,8 +533,8 @@ def test_nnx_refusals_change_nothing():
             xnorm.spectral_norm(layer, **options)
     with pytest.raises(OptionError, match="rngs="):
         xnorm.wrap(layer, rngs=rngs)  # weight norm draws nothing
-    assert_unchanged(nnx.to_pure_dict(nnx.state(layer)), saved)
-    assert_unchanged(nnx.to_pure_dict(nnx.state(rngs, nnx.RngCount)), rng_counts)  # no key was drawn
+    assert_same(nnx.to_pure_dict(nnx.state(layer)), saved)
+    assert_same(nnx.to_pure_dict(nnx.state(rngs, nnx.RngCount)), rng_counts)  # no key was drawn
 
     integer = nnx.Linear(6, 4, param_dtype=jnp.int32, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
     with pytest.raises(NonFloatingParameterError):
