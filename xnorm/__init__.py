@@ -4,7 +4,7 @@
 """
 
 from . import reference, reference_spectral, spec
-from .api import is_wrapped, remove, spectral_norm, weight_norm, wrap
+from .api import is_wrapped, orthogonal, remove, spectral_norm, weight_norm, wrap
 from .errors import (
     AlreadyWrappedError,
     BackendDetectionError,
@@ -22,7 +22,7 @@ from .errors import (
 )
 from .porting import compare, convert
 from .registry import BackendInfo, backends, register_backend
-from .spec import Reparametrization, SpectralNorm, WeightNorm
+from .spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "wrap",
     "weight_norm",
     "spectral_norm",
+    "orthogonal",
     "remove",
     "is_wrapped",
     "backends",
@@ -38,6 +39,7 @@ __all__ = [
     "Reparametrization",
     "WeightNorm",
     "SpectralNorm",
+    "Orthogonal",
     "reference",
     "reference_spectral",
     "spec",

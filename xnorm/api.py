@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from . import registry
 from .errors import NotWrappedError, OptionError
-from .spec import Reparametrization, SpectralNorm, WeightNorm
+from .spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm
 
 __all__ = ["wrap", "weight_norm", "spectral_norm", "remove", "is_wrapped"]
 
@@ -115,6 +115,23 @@ def spectral_norm(
     torch's ``parametrizations.spectral_norm``: ``w = W / sigma(W)`` (see :class:`xnorm.SpectralNorm`).
     ``dim=None`` is 1 for ConvTranspose layers and 0 otherwise."""
     spec = SpectralNorm(n_power_iterations=n_power_iterations, eps=eps, dim=dim)
+    return wrap(layer, spec, backend, name=name, **options)
+
+
+def orthogonal(
+    layer: Any,
+    orthogonal_map: Optional[str] = None,
+    *,
+    use_trivialization: bool = True,
+    name: Optional[str] = None,
+    backend: Optional[str] = None,
+    **options: Any,
+) -> Any:
+    """``xnorm.wrap(layer, xnorm.Orthogonal(orthogonal_map, use_trivialization), ...)``, named and ordered as
+    torch's ``parametrizations.orthogonal``: the weight (every matrix of its last two axes) stays
+    orthogonal (see :class:`xnorm.Orthogonal`; wrapping replaces a weight that is not orthogonal by its
+    QR's Q). Implemented by the torch backend so far."""
+    spec = Orthogonal(orthogonal_map=orthogonal_map, use_trivialization=use_trivialization)
     return wrap(layer, spec, backend, name=name, **options)
 
 

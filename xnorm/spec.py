@@ -43,6 +43,8 @@ __all__ = [
     "SpectralNorm",
     "SPECTRAL_INIT_ITERATIONS",
     "REPARAMETRIZATIONS",
+    "Orthogonal",
+    "ORTHOGONAL_MAPS",
     "spectral_matrix_shape",
     "normalize_dim",
     "reduction_axes",
@@ -372,11 +374,68 @@ class SpectralNorm(Reparametrization):
         return f"sn{self.n_power_iterations}" + ("" if self.eps == 1e-12 else f"-eps{self.eps:g}")
 
 
+#: The maps of :class:`Orthogonal` (torch's ``orthogonal_map``).
+ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Orthogonal(Reparametrization):
+    """An orthogonal weight, as torch's ``parametrizations.orthogonal`` computes it
+    (:mod:`xnorm.reference_orthogonal` has every rule).
+
+    * The weight (``ndim >= 2``) is a batch of matrices over its last two axes; a wide matrix is
+      transposed, so the result has orthonormal columns, or rows when wide.
+    * ``orthogonal_map``: ``"matrix_exp"``, ``"cayley"`` or ``"householder"``; ``None`` means
+      ``matrix_exp`` for square matrices and ``householder`` otherwise.
+    * ``use_trivialization`` (default): a non-trainable ``base`` (``n x n``, n the larger side) multiplies
+      the map's result; registration sets it from the weight (kept if square and orthogonal, else the Q
+      of a QR with a non-negative diagonal of R, a non-square weight first completed with random
+      columns drawn from the framework's RNG) and sets ``original`` to ``-I``. Wrapping therefore changes
+      the weight unless it is already orthogonal. Without trivialization ``matrix_exp`` and ``cayley``
+      keep the weight as ``original`` and refuse a later assignment; ``householder`` stores its QR.
+    """
+
+    orthogonal_map: Optional[str] = None
+    use_trivialization: bool = True
+
+    kind: ClassVar[str] = "orthogonal"
+    tensors: ClassVar[Tuple[str, ...]] = ("original",)
+    state: ClassVar[Tuple[str, ...]] = ("base",)
+    suffixes: ClassVar[Dict[str, str]] = {"original": "_orig", "base": "_base"}
+    preserves_function: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.orthogonal_map is not None and self.orthogonal_map not in ORTHOGONAL_MAPS:
+            raise OptionError(
+                f"orthogonal_map must be one of {', '.join(map(repr, ORTHOGONAL_MAPS))} or None (matrix_exp for "
+                f"square matrices, householder otherwise), got {self.orthogonal_map!r}."
+            )
+        if not isinstance(self.use_trivialization, bool):
+            raise OptionError(f"use_trivialization must be True or False, got {self.use_trivialization!r}.")
+
+    def resolved_map(self, shape: Sequence[int]) -> str:
+        """The map for a weight of ``shape`` (real): the given one, or torch's default."""
+        if len(shape) < 2:
+            raise DimError(
+                f"the orthogonal parametrization needs a matrix or a batch of matrices; the weight has shape "
+                f"{tuple(shape)}. Wrap a layer whose weight has at least 2 axes."
+            )
+        return self.orthogonal_map or ("matrix_exp" if shape[-1] == shape[-2] else "householder")
+
+    def resolved_dim(self, ndim: int, layer_kind: str = "generic") -> Optional[int]:
+        """No axis is special: every matrix of the batch (the last two axes) is made orthogonal."""
+        return None
+
+    @property
+    def label(self) -> str:
+        return f"orth-{self.orthogonal_map or 'default'}" + ("" if self.use_trivialization else "-direct")
+
+
 #: Power iterations spectral norm runs when it is wrapped, from its random unit vectors (torch's value).
 SPECTRAL_INIT_ITERATIONS = 15
 
 #: Every reparametrization by ``kind``: the one table the CLI, the conversion and the conformance read.
-REPARAMETRIZATIONS: Dict[str, type] = {cls.kind: cls for cls in (WeightNorm, SpectralNorm)}
+REPARAMETRIZATIONS: Dict[str, type] = {cls.kind: cls for cls in (WeightNorm, SpectralNorm, Orthogonal)}
 
 
 def spectral_matrix_shape(shape: Sequence[int], dim: int) -> Tuple[int, int]:

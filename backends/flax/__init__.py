@@ -440,7 +440,8 @@ class FlaxBackend(Backend):
     def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str] = None, **options: Any) -> Any:
         if not isinstance(spec, (WeightNorm, SpectralNorm)):
             raise UnsupportedLayerError(
-                f"the flax backend does not implement {type(spec).__name__}; it implements WeightNorm and SpectralNorm."
+                f"the flax backend does not implement {type(spec).__name__}; it implements WeightNorm and SpectralNorm "
+                "(Orthogonal exists for torch so far)."
             )
         variables = options.pop("variables", _MISSING)
         fused = options.pop("fused", False)

@@ -459,7 +459,7 @@ class MindSporeBackend(Backend):
         if not isinstance(spec, (WeightNorm, SpectralNorm)):
             raise UnsupportedLayerError(
                 f"the mindspore backend does not implement {type(spec).__name__}; it implements WeightNorm and "
-                "SpectralNorm."
+                "SpectralNorm (Orthogonal exists for torch so far)."
             )
         fused = options.pop("fused", False)
         if options:

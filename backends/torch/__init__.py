@@ -41,8 +41,9 @@ from xnorm.errors import (
     OptionError,
     UnsupportedLayerError,
 )
-from xnorm.spec import LayerKind, Reparametrization, SpectralNorm, WeightNorm, check_floating
+from xnorm.spec import LayerKind, Orthogonal, Reparametrization, SpectralNorm, WeightNorm, check_floating
 
+from .orthogonal import OrthogonalParametrization
 from .spectral import SpectralNormParametrization, legacy_spectral_keys_hook
 
 __all__ = ["TorchBackend", "WeightNormParametrization", "SpectralNormParametrization"]
@@ -116,7 +117,7 @@ def _xnorm_parametrizations(module: nn.Module) -> List[str]:
     ]
 
 
-_XNORM_PARAMETRIZATIONS = (WeightNormParametrization, SpectralNormParametrization)
+_XNORM_PARAMETRIZATIONS = (WeightNormParametrization, SpectralNormParametrization, OrthogonalParametrization)
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -174,10 +175,15 @@ class TorchBackend(registry.Backend):
         weight = self._check(layer, name)
         if isinstance(spec, SpectralNorm):
             return self._wrap_spectral(layer, spec, name, weight)
+        if isinstance(spec, Orthogonal):
+            spec.resolved_map(tuple(weight.shape))  # DimError for a 1-D weight before anything changes
+            # unsafe=True, as torch registers its own: right_inverse sets base and original = -I
+            parametrize.register_parametrization(layer, name, OrthogonalParametrization(weight, spec), unsafe=True)
+            return layer
         if not isinstance(spec, WeightNorm):
             raise UnsupportedLayerError(
-                f"the torch backend does not implement {type(spec).__name__}; it implements WeightNorm and "
-                "SpectralNorm."
+                f"the torch backend does not implement {type(spec).__name__}; it implements WeightNorm, "
+                "SpectralNorm and Orthogonal."
             )
         spec.resolved_dim(weight.dim())  # raises DimError before anything changes
         torch_dim = -1 if spec.dim is None else int(spec.dim)

@@ -19,6 +19,7 @@ from xnorm.errors import (
     NonFloatingParameterError,
     NotWrappedError,
     OptionError,
+    UnsupportedLayerError,
 )
 
 X = jnp.ones((2, 3), jnp.float32)
@@ -97,6 +98,19 @@ def test_nnx_static_attribute_is_not_a_parameter():
     layer = nnx_linear()
     with pytest.raises(MissingParameterError):
         xnorm.wrap(layer, name="in_features")
+
+
+def test_orthogonal_is_not_implemented_here_and_changes_nothing():
+    module, variables = linen_dense()
+    saved = snapshot(variables)
+    with pytest.raises(UnsupportedLayerError, match="does not implement Orthogonal.*exists for torch so far"):
+        xnorm.orthogonal(module, variables=variables)
+    assert_same(variables, saved)
+    layer = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    saved_layer = nnx_snapshot(layer)
+    with pytest.raises(UnsupportedLayerError, match="does not implement Orthogonal"):
+        xnorm.orthogonal(layer)
+    assert_nnx_same(layer, saved_layer)
 
 
 @pytest.mark.parametrize("obj", [object(), np.ones((3, 4)), jnp.ones((3, 4))], ids=["object", "numpy", "jax"])
