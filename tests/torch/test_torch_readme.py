@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -26,3 +28,12 @@ def test_readme_spectral_norm_example_runs():
     critic = _run_section("## Spectral normalization (torch)")["critic"]
     assert not any(hasattr(module, "parametrizations") for module in critic.modules())
     assert [type(m).__name__ for m in critic] == ["Conv1d", "LeakyReLU", "Conv1d"]
+
+
+def test_readme_orthogonal_example_runs(capsys):
+    namespace = _run_section("## Orthogonal parametrization (torch so far)")
+    assert capsys.readouterr().out.strip() == "True"
+    rotation = namespace["rotation"]
+    assert not hasattr(rotation, "parametrizations") and type(rotation).__name__ == "Linear"
+    w = rotation.weight.detach()
+    assert torch.allclose(w.T @ w, torch.eye(8), atol=1e-5)
