@@ -2,7 +2,9 @@
 
 A weight-norm case id reads ``<layer>-dim<dim>-<dtype>-<device>``, for example ``conv1d-dim0-float32-cpu``
 or ``conv_transpose1d-g2-s2-op1-dimNone-bfloat16-gpu``; other reparametrizations put their label after
-the layer (``conv1d-sn3-dimNone-float32-cpu``: spectral norm, 3 power iterations, the default dim).
+the layer (``conv1d-sn3-dimNone-float32-cpu``: spectral norm, 3 power iterations, the default dim), and
+one without a ``dim`` leaves it out (``linear-wide-orth-cayley-direct-float64-cpu``: the orthogonal
+parametrization, Cayley map, without trivialization).
 Every array a case uses is drawn from a seed derived from its id, so each case is reproducible on its
 own and identical in every backend.
 """
@@ -16,7 +18,16 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from xnorm.reference import round_to_dtype
-from xnorm.spec import FLOATING_DTYPES, LayerKind, Reparametrization, SpectralNorm, WeightNorm, spectral_matrix_shape
+from xnorm.spec import (
+    FLOATING_DTYPES,
+    ORTHOGONAL_MAPS,
+    LayerKind,
+    Orthogonal,
+    Reparametrization,
+    SpectralNorm,
+    WeightNorm,
+    spectral_matrix_shape,
+)
 
 __all__ = [
     "LayerCase",
@@ -27,6 +38,9 @@ __all__ = [
     "catalogue",
     "dims_for",
     "spectral_variants",
+    "ORTHOGONAL_LAYERS",
+    "ORTHOGONAL_DTYPES",
+    "orthogonal_variants",
 ]
 
 #: Every dtype the catalogue holds cases for. An adapter runs those it lists in ``Adapter.dtypes``; the
@@ -151,8 +165,27 @@ def spectral_variants(layer: LayerCase) -> Tuple[SpectralNorm, ...]:
     return (SpectralNorm(), SpectralNorm(dim=other, n_power_iterations=3))
 
 
+#: Layers of the orthogonal cases: a square, a tall and a wide matrix, and a batch of matrices (a Conv2d
+#: weight: every 3x3 kernel slice is one). The orthogonal parametrization works on matrices, so the
+#: weight-norm layers' shapes (kernel axes of size 2, Embedding) say little about it.
+ORTHOGONAL_LAYERS: Tuple[LayerCase, ...] = (
+    LayerCase("linear-square", "linear", (5, 5), (3, 5)),
+    LayerCase("linear-tall", "linear", (6, 3), (3, 3)),
+    LayerCase("linear-wide", "linear", (3, 6), (3, 6)),
+    _conv("conv2d-kernels", "conv2d", (3, 2, 3, 3), (2, 2, 5, 5), padding=(1, 1)),
+)
+#: The orthogonal cases' dtypes (its maps are matrix functions computed in the weight's dtype; the
+#: half-precision ones are not part of its spec yet).
+ORTHOGONAL_DTYPES = ("float32", "float64")
+
+
+def orthogonal_variants(layer: LayerCase) -> Tuple[Orthogonal, ...]:
+    """Every map, with and without trivialization."""
+    return tuple(Orthogonal(orthogonal_map=m, use_trivialization=t) for m in ORTHOGONAL_MAPS for t in (True, False))
+
+
 #: The reparametrizations the catalogue holds cases for, by ``kind``.
-CATALOGUE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm")
+CATALOGUE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm", "orthogonal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +202,13 @@ class Case:
     @property
     def spec(self) -> Reparametrization:
         """The reparametrization under test, ``dim`` included: what the adapter passes to ``xnorm.wrap``."""
+        if not self._has_dim:
+            return self.options
         return dataclasses.replace(self.options, dim=self.dim)
+
+    @property
+    def _has_dim(self) -> bool:
+        return "dim" in {field.name for field in dataclasses.fields(self.options)}
 
     @property
     def reparametrization(self) -> str:
@@ -178,7 +217,8 @@ class Case:
     @property
     def _stem(self) -> str:
         label = "" if isinstance(self.options, WeightNorm) else f"-{self.options.label}"
-        return f"{self.layer.label}{label}-dim{self.dim}-{self.dtype}"
+        dim = f"-dim{self.dim}" if self._has_dim else ""
+        return f"{self.layer.label}{label}{dim}-{self.dtype}"
 
     @property
     def id(self) -> str:
@@ -217,12 +257,17 @@ class Case:
         shape = output_shape(layer)
         out["grad_output"] = draw(shape)
         out["target"] = draw(shape)
-        if self.options.state and len(layer.weight_shape) > 1:
+        if isinstance(self.options, SpectralNorm) and len(layer.weight_shape) > 1:
             # the raw draws spectral norm's state starts from (normalized and iterated by the oracle)
             dim = self.spec.resolved_dim(len(layer.weight_shape), layer.kind)
             h, w = spectral_matrix_shape(layer.weight_shape, dim)
             out["u0"] = rng.standard_normal(h)
             out["v0"] = rng.standard_normal(w)
+        if isinstance(self.options, Orthogonal) and self.options.use_trivialization:
+            # the random columns that complete a non-square weight before its QR (the backends draw their
+            # own at registration; the oracle sets every backend's base from these afterwards)
+            n, k = max(layer.weight_shape[-2:]), min(layer.weight_shape[-2:])
+            out["completion"] = rng.standard_normal(tuple(layer.weight_shape[:-2]) + (n, n - k))
         return out
 
 
@@ -243,4 +288,8 @@ def catalogue(
                 if "spectral_norm" in kinds:
                     for spec in spectral_variants(layer):
                         cases.append(Case(layer, spec.dim, dtype, device, dataclasses.replace(spec, dim=None)))
+            if "orthogonal" in kinds and dtype in ORTHOGONAL_DTYPES:
+                for layer in ORTHOGONAL_LAYERS:
+                    for spec in orthogonal_variants(layer):
+                        cases.append(Case(layer, None, dtype, device, spec))
     return cases

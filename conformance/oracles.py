@@ -16,13 +16,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from xnorm import reference, reference_spectral
+from xnorm import reference, reference_orthogonal, reference_spectral
 from xnorm.reference import round_to_dtype
-from xnorm.spec import Reparametrization, SpectralNorm, WeightNorm, compute_dtype
+from xnorm.spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm, compute_dtype
 
 from .cases import Case
 
-__all__ = ["Oracle", "WeightNormOracle", "SpectralNormOracle", "oracle_for"]
+__all__ = ["Oracle", "WeightNormOracle", "SpectralNormOracle", "OrthogonalOracle", "oracle_for"]
 
 Arrays = Dict[str, np.ndarray]
 #: (actual, expected, what) triples a check folds in
@@ -143,7 +143,57 @@ class SpectralNormOracle(Oracle):
         return {"original": grad}
 
 
-_ORACLES = {WeightNorm: WeightNormOracle, SpectralNorm: SpectralNormOracle}
+class OrthogonalOracle(Oracle):
+    """The orthogonal parametrization (:mod:`xnorm.reference_orthogonal`). Its state, ``base``, never
+    changes after registration (training-mode and eval-mode uses are the same); registration draws the
+    completion of a non-square weight from the framework's RNG, so only what follows from the weight is
+    checked at init, and every backend then continues from the case's own base."""
+
+    checks = ("plain_forward", "init", "weight", "forward", "gradient", "eval", "training", "state", "remove")
+    spec: Orthogonal
+
+    def __init__(self, case: Case) -> None:
+        super().__init__(case)
+        self.map = self.spec.resolved_map(case.layer.weight_shape)
+
+    def _tall(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix if matrix.shape[-2] >= matrix.shape[-1] else np.swapaxes(matrix, -1, -2)
+
+    def init_comparisons(self, weight, tensors, state):
+        """Trivialized: ``original`` is ``-I``; ``base`` is orthogonal and its first k columns are the Q of
+        the weight's QR (the random completion only fills the others). Otherwise ``original`` is what
+        registration computes from the weight alone."""
+        if not self.spec.use_trivialization:
+            original, _ = reference_orthogonal.register(weight, self.map, use_trivialization=False)
+            return [(tensors["original"], original, "original after wrap")]
+        tall = self._tall(np.asarray(weight, np.float64))
+        n, k = tall.shape[-2:]
+        completion = np.zeros(tall.shape[:-2] + (n, n - k))
+        original, expected_base = reference_orthogonal.register(weight, self.map, completion=completion)
+        out = [(tensors["original"], original, "original after wrap (-I)")]
+        base = state.get("base")
+        if base is None:
+            return out + [(None, expected_base, "base after wrap")]
+        base = np.asarray(base, np.float64)
+        out.append((np.swapaxes(base, -1, -2) @ base, np.broadcast_to(np.eye(n), base.shape), "base^T base == I"))
+        out.append((base[..., :k], expected_base[..., :k], "base's first columns == Q of the weight's QR"))
+        return out
+
+    def start_state(self, data, tensors):
+        if not self.spec.use_trivialization:
+            return None
+        _, base = reference_orthogonal.register(data["weight"], self.map, completion=data["completion"])
+        return self.round_state({"base": base})
+
+    def weight(self, tensors, state):
+        return reference_orthogonal.forward(tensors["original"], self.map, state.get("base"))
+
+    def gradients(self, tensors, state, grad_w):
+        grad = reference_orthogonal.gradient(tensors["original"], grad_w, self.map, state.get("base"))
+        return {"original": grad}
+
+
+_ORACLES = {WeightNorm: WeightNormOracle, SpectralNorm: SpectralNormOracle, Orthogonal: OrthogonalOracle}
 
 
 def oracle_for(case: Case) -> Oracle:

@@ -64,6 +64,7 @@ _ONLY_FLOAT32 = (
     "there (see conformance/adapters/flax_native.py)"
 )
 _DTYPE_REASONS = {dtype: _ONLY_FLOAT32 for dtype in ("float64", "bfloat16", "float16")}
+_REPARAMETRIZATION_REASONS = {"orthogonal": "Flax has orthogonal initializers only, no orthogonal parametrization"}
 
 
 def _weight_norm_options(layer: LayerCase, spec: Reparametrization, dtype: str) -> dict:
@@ -121,6 +122,7 @@ class LinenNativeAdapter(LinenAdapter):
     name = "flax-linen-native"
     dtypes = ("float32",)
     dtype_reasons = _DTYPE_REASONS
+    reparametrization_reasons = _REPARAMETRIZATION_REASONS
 
     def wrap(self, handle: LinenHandle, spec: Reparametrization) -> LinenHandle:
         layer, name = handle.layer, _weight_name(handle.layer)
@@ -210,6 +212,7 @@ class NNXNativeAdapter(NNXAdapter):
     name = "flax-nnx-native"
     dtypes = ("float32",)
     dtype_reasons = _DTYPE_REASONS
+    reparametrization_reasons = _REPARAMETRIZATION_REASONS
 
     def wrap(self, handle: NNXHandle, spec: Reparametrization) -> NNXHandle:
         layer, name, rngs = handle.layer, _weight_name(handle.layer), nnx.Rngs(0)

@@ -78,7 +78,8 @@ class MindSporeAssignAdapter(MindSporeGraphAdapter):
     reparametrizations = ("weight_norm",)
     reparametrization_reasons = {
         "spectral_norm": "MindSpore has no spectral norm and the community port found is a projection in place, "
-        "not a reparametrization (docs/spec.md)"
+        "not a reparametrization (docs/spec.md)",
+        "orthogonal": "MindSpore has an orthogonal initializer only; there is no community parametrization to run",
     }
 
     def __init__(self) -> None:

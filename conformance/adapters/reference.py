@@ -12,8 +12,8 @@ import copy
 
 import numpy as np
 
-from xnorm import reference, reference_spectral
-from xnorm.spec import WeightNorm, spectral_matrix_shape
+from xnorm import reference, reference_orthogonal, reference_spectral
+from xnorm.spec import Orthogonal, WeightNorm, spectral_matrix_shape
 
 from .. import layers
 from ..adapter import Adapter
@@ -43,6 +43,17 @@ class ReferenceAdapter(Adapter):
         out = {"layer": layer, "spec": spec, "bias": handle["bias"], "state": {}}
         if isinstance(spec, WeightNorm):
             out["tensors"] = dict(zip(("g", "v"), reference.init(weight, spec.dim), strict=True))
+        elif isinstance(spec, Orthogonal):
+            tall = weight if weight.shape[-2] >= weight.shape[-1] else np.swapaxes(weight, -1, -2)
+            n, k = tall.shape[-2:]
+            completion = self._rng.standard_normal(tall.shape[:-2] + (n, n - k))
+            original, base = reference_orthogonal.register(
+                weight, spec.resolved_map(weight.shape), use_trivialization=spec.use_trivialization,
+                completion=completion,
+            )
+            out["tensors"] = {"original": original}
+            if base is not None:
+                out["state"] = {"base": base}
         else:
             out["tensors"] = {"original": weight.copy()}
             dim = spec.resolved_dim(weight.ndim, layer.kind)
@@ -65,6 +76,9 @@ class ReferenceAdapter(Adapter):
         spec, tensors, state = handle["spec"], handle["tensors"], handle["state"]
         if isinstance(spec, WeightNorm):
             return reference.weight_norm(tensors["g"], tensors["v"], spec.dim), state
+        if isinstance(spec, Orthogonal):
+            original = tensors["original"]
+            return reference_orthogonal.forward(original, spec.resolved_map(original.shape), state.get("base")), state
         dim = self._dim(handle)
         if training and state:
             w, u, v = reference_spectral.training_call(
@@ -109,6 +123,10 @@ class ReferenceAdapter(Adapter):
         if isinstance(spec, WeightNorm):
             grad_g, grad_v = reference.weight_norm_grads(tensors["g"], tensors["v"], grad_w, spec.dim)
             out = {"g": grad_g, "v": grad_v}
+        elif isinstance(spec, Orthogonal):
+            original = tensors["original"]
+            out = {"original": reference_orthogonal.gradient(
+                original, grad_w, spec.resolved_map(original.shape), state.get("base"))}
         else:
             out = {"original": reference_spectral.spectral_norm_grad(
                 tensors["original"], state.get("u"), state.get("v"), grad_w, self._dim(handle), spec.eps)}

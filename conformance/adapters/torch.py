@@ -13,6 +13,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 import xnorm
 from xnorm._backends.torch import SpectralNormParametrization
+from xnorm._backends.torch.orthogonal import OrthogonalParametrization
 from xnorm.spec import LayerKind, Reparametrization
 
 from ..adapter import Adapter
@@ -57,7 +58,7 @@ class TorchAdapter(Adapter):
         "table's float16 row for the plain layer; that row needs measuring first (docs/torch.md)"
     }
     devices = ("cpu", "gpu")
-    reparametrizations = ("weight_norm", "spectral_norm")
+    reparametrizations = ("weight_norm", "spectral_norm", "orthogonal")
 
     def __init__(self) -> None:
         self._device = "cpu"
@@ -106,17 +107,27 @@ class TorchAdapter(Adapter):
         found = handle.parametrizations.weight[0]
         return found if isinstance(found, SpectralNormParametrization) else None
 
+    def _orthogonal(self, handle: nn.Module):
+        found = handle.parametrizations.weight[0]
+        return found if isinstance(found, OrthogonalParametrization) else None
+
     def state(self, handle: nn.Module) -> Dict[str, np.ndarray]:
+        orthogonal = self._orthogonal(handle)
+        if orthogonal is not None:
+            return {"base": _to_numpy(orthogonal.base)} if getattr(orthogonal, "base", None) is not None else {}
         spectral = self._spectral(handle)
         if spectral is None or not hasattr(spectral, "_u"):
             return {}
         return {"u": _to_numpy(spectral._u), "v": _to_numpy(spectral._v)}
 
     def set_state(self, handle: nn.Module, state: Dict[str, np.ndarray]) -> nn.Module:
-        spectral = self._spectral(handle)
+        owner = self._orthogonal(handle)
+        prefix = ""
+        if owner is None:
+            owner, prefix = self._spectral(handle), "_"
         with torch.no_grad():
             for key, value in state.items():
-                buffer = getattr(spectral, f"_{key}")
+                buffer = getattr(owner, f"{prefix}{key}")
                 buffer.copy_(self._tensor(value, buffer.dtype))
         return handle
 
@@ -150,7 +161,7 @@ class TorchAdapter(Adapter):
 
     def _wrapped_tensors(self, handle: nn.Module) -> Dict[str, torch.Tensor]:
         originals = handle.parametrizations.weight
-        if self._spectral(handle) is not None:
+        if self._spectral(handle) is not None or self._orthogonal(handle) is not None:
             tensors = {"original": originals.original}
         else:
             tensors = {"g": originals.original0, "v": originals.original1}
@@ -190,7 +201,10 @@ class TorchFusedAdapter(TorchAdapter):
 
     name = "torch-fused"
     reparametrizations = ("weight_norm",)
-    reparametrization_reasons = {"spectral_norm": "fused=True is a weight-norm path; spectral norm has none"}
+    reparametrization_reasons = {
+        "spectral_norm": "fused=True is a weight-norm path; spectral norm has none",
+        "orthogonal": "fused=True is a weight-norm path; the orthogonal parametrization has none",
+    }
 
     def wrap(self, handle: nn.Module, spec: Reparametrization) -> nn.Module:
         return xnorm.wrap(handle, spec, fused=True)
@@ -211,6 +225,9 @@ class TorchParametrizationsAdapter(TorchAdapter):
         if isinstance(spec, xnorm.SpectralNorm):
             return parametrizations.spectral_norm(handle, n_power_iterations=spec.n_power_iterations,
                                                   eps=spec.eps, dim=spec.dim)
+        if isinstance(spec, xnorm.Orthogonal):
+            return parametrizations.orthogonal(handle, orthogonal_map=spec.orthogonal_map,
+                                               use_trivialization=spec.use_trivialization)
         if spec.eps is not None:
             raise NotImplementedError("torch's weight_norm has no eps")
         return parametrizations.weight_norm(handle, dim=spec.dim)
@@ -225,6 +242,10 @@ class TorchParametrizationsAdapter(TorchAdapter):
         found = handle.parametrizations.weight[0]
         return found if type(found).__name__ == "_SpectralNorm" else None
 
+    def _orthogonal(self, handle: nn.Module):
+        found = handle.parametrizations.weight[0]
+        return found if type(found).__name__ == "_Orthogonal" else None
+
 
 class TorchLegacyAdapter(TorchAdapter):
     """torch's legacy hooks ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (not xnorm): tensors
@@ -232,6 +253,11 @@ class TorchLegacyAdapter(TorchAdapter):
     attribute recomputed by a forward pre-hook. Departures: ``expected_failures/torch-legacy.toml``."""
 
     name = "torch-legacy"
+    reparametrizations = ("weight_norm", "spectral_norm")
+    reparametrization_reasons = {"orthogonal": "torch has no legacy (hook-based) orthogonal parametrization"}
+
+    def _orthogonal(self, handle: nn.Module):
+        return None
 
     def wrap(self, handle: nn.Module, spec: Reparametrization) -> nn.Module:
         if isinstance(spec, xnorm.SpectralNorm):

@@ -120,7 +120,8 @@ def test_cases_failing_at_their_first_check_exit_1_with_every_later_check_not_ru
     assert main(["conformance", "--backend", f"{adapters}:CrashesAtBuild", "--results-dir", str(results)]) == 1
     summary = _summary(results, "numpy-crashes-at-build")
     n = len(catalogue(("float64",)))
-    assert summary["counts"] == {"passed": 0, "failed": n, "xfail": 0, "not-run": 3 * n}
+    # the other dtypes' cases are not run (the orthogonal cases exist for float32 and float64 only)
+    assert summary["counts"] == {"passed": 0, "failed": n, "xfail": 0, "not-run": len(catalogue(CATALOGUE_DTYPES)) - n}
     every_case = catalogue(CATALOGUE_DTYPES)
     for check, counts in summary["check_counts"].items():
         having = sum(check in oracle_for(case).checks for case in every_case)  # "preserves": weight norm only

@@ -251,7 +251,7 @@ def test_an_expected_failure_limited_to_a_reparametrization_excuses_only_its_cas
         '[[expected_failure]]\ncase = "linear-*"\nreason = ""\n',
         '[[expected_failure]]\ncase = "linear-*"\nreason = "r"\ncheck = "speed"\n',
         '[[expected_failure]]\ncase = "linear-*"\nreason = "r"\nwhy = "typo"\n',
-        '[[expected_failure]]\ncase = "linear-*"\nreason = "r"\nreparametrization = "orthogonal"\n',
+        '[[expected_failure]]\ncase = "linear-*"\nreason = "r"\nreparametrization = "freeze"\n',
         # a pattern matching only weight-norm cases, limited to spectral norm: matches nothing
         '[[expected_failure]]\ncase = "linear-dim0-*"\nreason = "r"\nreparametrization = "spectral_norm"\n',
     ],
@@ -419,3 +419,50 @@ def test_a_value_the_adapter_does_not_return_fails_its_checks_without_hiding_the
     gradient = result.checks["gradient"]
     assert gradient.state == "failed" and gradient.missing == ["dL/dg"] and gradient.ratio <= 1.0
     assert {name for name, check in result.checks.items() if check.state == "failed"} == {"gradient"}
+
+
+ORTHOGONAL_CASES = [case for case in catalogue(("float64",), reparametrizations=("orthogonal",))
+                    if case.layer.label in ("linear-wide", "conv2d-kernels") and case.spec.orthogonal_map != "cayley"]
+
+
+@pytest.mark.parametrize("case", ORTHOGONAL_CASES, ids=lambda c: c.id)
+def test_a_correct_orthogonal_backend_passes(case):
+    result = run_case(NumpyAdapter(), case)
+    assert result.status == "passed", result.failures()
+    assert "preserves" not in result.checks
+
+
+class ForgetsBase(NumpyAdapter):
+    """base never multiplies the map's result: the weight is orthogonal, but not the registered one."""
+
+    name = "numpy-forgets-base"
+
+    def _call(self, handle, training):
+        if "base" in handle.get("state", {}):
+            handle = {**handle, "state": {}}
+        return super()._call(handle, training)
+
+
+class KeepsTheWeight(NumpyAdapter):
+    """Registration keeps the weight in base unchanged (no QR): fine for an orthogonal weight only."""
+
+    name = "numpy-keeps-the-weight"
+
+    def wrap(self, handle, spec):
+        out = super().wrap(handle, spec)
+        if "base" in out["state"]:
+            out["state"] = {"base": np.array(handle["weight"], np.float64)}
+        return out
+
+
+@pytest.mark.parametrize(
+    ("adapter", "failing"),
+    [
+        (ForgetsBase(), {"weight", "forward", "gradient", "training", "remove"}),
+        (KeepsTheWeight(), {"init"}),  # the suite then sets every backend's base to the case's own
+    ],
+)
+def test_broken_orthogonal_backends_fail_the_checks_that_concern_them(adapter, failing):
+    case = next(c for c in ORTHOGONAL_CASES if c.spec.use_trivialization and c.layer.label == "conv2d-kernels")
+    result = run_case(adapter, case)
+    assert {name for name, check in result.checks.items() if check.state == "failed"} == failing
