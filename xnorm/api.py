@@ -161,9 +161,11 @@ def is_wrapped(obj: Any) -> bool:
     return False
 
 
-def _not_wrapped(obj: Any) -> NotWrappedError:
-    """The error every backend raises from ``remove`` when there is nothing to remove."""
+def _not_wrapped(obj: Any, hint: str = "") -> NotWrappedError:
+    """The error every backend raises from ``remove`` when there is nothing to remove (``hint``: what the
+    backend adds about where it looked)."""
     return NotWrappedError(
         f"{type(obj).__qualname__} is not wrapped by xnorm and contains no wrapped layer, so there is "
-        "nothing to remove. Check that you pass the object xnorm.wrap returned (or the model holding it)."
+        "nothing to remove. Check that you pass the object xnorm.wrap returned (or the model holding it)"
+        + (f"; {hint}." if hint else ".")
     )

@@ -259,6 +259,10 @@ class LinenWeightNorm(nn.Module):
 
     @nn.compact
     def __call__(self, *args, **kwargs):
+        from .linen_model import plain_call, plain_wrappers
+
+        if plain_wrappers():  # inside the plain view xnorm.remove returns for a whole model
+            return plain_call(self, args, kwargs)
         template = self.layer.clone()  # unbound: it reads w from us, never from a scope of its own
         g_name, v_name = _names(self._spec(), self.param_name)
         if not self.has_variable("params", v_name) and self.is_mutable_collection("params"):
@@ -616,7 +620,14 @@ class FlaxBackend(Backend):
         from .spectral import remove_linen as remove_linen_spectral
 
         if not isinstance(module, (LinenWeightNorm, LinenSpectralNorm)):
-            raise api._not_wrapped(module)
+            from .linen_model import remove_linen_model  # a whole model: its wrappers, one by one
+
+            if len(args) != 1:
+                raise OptionError(
+                    "xnorm.remove on a linen model needs its variables: "
+                    "plain_model, plain_variables = xnorm.remove(model, variables)."
+                )
+            return remove_linen_model(self, module, args[0], (LinenWeightNorm, LinenSpectralNorm), **options)
         if len(args) != 1:
             raise OptionError(
                 "xnorm.remove on a linen wrapper needs its variables: "

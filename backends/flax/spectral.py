@@ -215,6 +215,10 @@ class LinenSpectralNorm(nn.Module):
 
     @nn.compact
     def __call__(self, *args, update_stats: Optional[bool] = None, **kwargs):
+        from .linen_model import plain_call, plain_wrappers
+
+        if plain_wrappers():  # inside the plain view xnorm.remove returns for a whole model: no state
+            return plain_call(self, args, kwargs)
         if not isinstance(update_stats, bool):
             raise OptionError(
                 f"{type(self).__name__} needs update_stats=True (a training-mode use: iterate and write u, v "
