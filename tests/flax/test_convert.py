@@ -1008,3 +1008,42 @@ def test_spectral_norm_converts_from_both_torch_key_styles_and_back(style):
     back = xnorm.convert(model, to="torch", like=source)
     for key, value in source.state_dict().items():
         assert torch.equal(back[key], value), key
+
+
+class _TorchTied(tnn.Module):
+    """Two Linear layers sharing one weight (tied weights): torch's state_dict holds it under both names."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = tnn.Linear(4, 4)
+        self.b = tnn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class _NNXTied(nnx.Module):
+    """The same in NNX: one kernel Variable at two paths, which nnx.state lists once."""
+
+    def __init__(self):
+        self.a = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+        self.b = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+        self.b.kernel = self.a.kernel
+
+    def __call__(self, x):
+        return self.b(nnx.relu(self.a(x)))
+
+
+def test_tied_weights_convert_both_ways():
+    torch.manual_seed(0)
+    source = _TorchTied()
+    model = _NNXTied()
+    xnorm.convert(source.state_dict(), to="flax", like=model, load=True)  # strict: b.weight is a.weight
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    assert xnorm.compare(source, model, [x]).ok
+    back = _TorchTied()
+    state = xnorm.convert(model, to="torch", like=back, load=True)  # both names filled from the one kernel
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    assert back.b.weight is back.a.weight
