@@ -1,4 +1,5 @@
-"""MindSpore backend: weight normalization (spectral normalization: :mod:`.spectral`) computed in ``construct``.
+"""MindSpore backend: weight normalization computed in ``construct`` (spectral normalization: :mod:`.spectral`;
+the orthogonal parametrization: :mod:`.orthogonal`).
 
 ``xnorm.wrap(layer, backend="mindspore", dim=0)`` returns a :class:`WeightNormCell` around a
 ``mindspore.nn`` layer. On every call the wrapper computes ::
@@ -41,6 +42,12 @@ Spectral normalization
     :class:`ReparametrizedCell` machinery (layer held outside the Cell tree, the layer's primitive run on
     ``w``, ``remove``), with ``w = W / sigma`` and the power-iteration state ``<name>_u``/``<name>_v``.
 
+Orthogonal parametrization
+    ``xnorm.wrap(layer, xnorm.Orthogonal(...))`` returns an
+    :class:`~xnorm._backends.mindspore.orthogonal.OrthogonalCell` (``orthogonal.py``): the same machinery
+    with ``<name>_orig`` and the fixed ``<name>_base``; its maps are built from primitives that have
+    gradients (MindSpore 2.10 has no CPU ``MatrixExp`` kernel and no ``Qr`` bprop).
+
 Fused path
     ``xnorm.wrap(layer, fused=True)`` returns a :class:`~xnorm._backends.mindspore.fused.FusedWeightNormCell`
     (same parameters, checkpoints, ``remove`` and errors) whose construct runs the primitive on ``v`` and
@@ -75,7 +82,15 @@ from xnorm.errors import (
     UnsupportedLayerError,
 )
 from xnorm.registry import Backend
-from xnorm.spec import LayerKind, Reparametrization, SpectralNorm, StorageLayout, WeightNorm, check_floating
+from xnorm.spec import (
+    LayerKind,
+    Orthogonal,
+    Reparametrization,
+    SpectralNorm,
+    StorageLayout,
+    WeightNorm,
+    check_floating,
+)
 
 __all__ = ["MindSporeBackend", "ReparametrizedCell", "WeightNormCell", "SUPPORTED_LAYERS"]
 
@@ -173,6 +188,10 @@ class ReparametrizedCell(nn.Cell):
     """
 
     own_parameter_names: Tuple[str, ...] = ()
+    #: what the wrapper did to the parameter, for messages ("weight-normalized")
+    description: str = "reparametrized"
+    #: child Cells the wrapper made for itself (not the layer's), which ``remove`` does not hand to the layer
+    helper_cells: Tuple[str, ...] = ()
 
     def __init__(self, layer: nn.Cell, kind: str, name: str):
         super().__init__()
@@ -350,6 +369,8 @@ class WeightNormCell(ReparametrizedCell):
         eps: None or the value added to the sum of squares.
     """
 
+    description = "weight-normalized"
+
     def __init__(self, layer: nn.Cell, kind: str, name: str, spec: WeightNorm, g: Tensor, v: Tensor,
                  dim: Optional[int], storage_dim: Optional[int], axes: Tuple[int, ...]):
         super().__init__(layer, kind, name)
@@ -434,9 +455,11 @@ class MindSporeBackend(Backend):
 
         Args:
             layer: one of :data:`SUPPORTED_LAYERS` (exact class), any pad_mode, group and bias setting.
-            spec: a :class:`xnorm.spec.WeightNorm` (``dim`` in the canonical layout, ``eps``) or a
+            spec: a :class:`xnorm.spec.WeightNorm` (``dim`` in the canonical layout, ``eps``), a
                 :class:`xnorm.spec.SpectralNorm` (``dim=None`` is 1 for the ConvTranspose layers, else 0;
-                its state is drawn from NumPy's global RNG, see :mod:`.spectral`).
+                its state is drawn from NumPy's global RNG, see :mod:`.spectral`) or a
+                :class:`xnorm.spec.Orthogonal` (a non-square weight's completion is drawn from NumPy's
+                global RNG, see :mod:`.orthogonal`).
             name: the parameter to reparametrize; None means the layer's weight (``"weight"``, or
                 ``"embedding_table"`` for an Embedding). Another floating parameter (``"bias"``) may be
                 named; its canonical layout is its own.
@@ -450,16 +473,17 @@ class MindSporeBackend(Backend):
                 spectral norm.
             BackendDetectionError: ``layer`` is not a ``mindspore.nn.Cell``.
             AlreadyWrappedError: ``layer`` is an xnorm wrapper (:class:`ReparametrizedCell`), of any kind.
-            UnsupportedLayerError: ``spec`` is neither WeightNorm nor SpectralNorm, or ``layer``'s class is
-                not in :data:`SUPPORTED_LAYERS` (the message lists them).
+            UnsupportedLayerError: ``spec`` is not WeightNorm, SpectralNorm or Orthogonal, or ``layer``'s
+                class is not in :data:`SUPPORTED_LAYERS` (the message lists them).
             MissingParameterError: ``layer`` has no parameter ``name`` (or it is None, as a missing bias).
             NonFloatingParameterError: the parameter's dtype is not float16/bfloat16/float32/float64.
-            DimError: ``dim`` is not None or an int within the canonical rank.
+            DimError: ``dim`` is not None or an int within the canonical rank; for Orthogonal, a parameter
+                with fewer than 2 canonical axes.
         """
-        if not isinstance(spec, (WeightNorm, SpectralNorm)):
+        if not isinstance(spec, (WeightNorm, SpectralNorm, Orthogonal)):
             raise UnsupportedLayerError(
-                f"the mindspore backend does not implement {type(spec).__name__}; it implements WeightNorm and "
-                "SpectralNorm (Orthogonal exists for torch so far)."
+                f"the mindspore backend does not implement {type(spec).__name__}; it implements WeightNorm, "
+                "SpectralNorm and Orthogonal."
             )
         fused = options.pop("fused", False)
         if options:
@@ -479,9 +503,8 @@ class MindSporeBackend(Backend):
                 f"{type(layer).__module__}.{type(layer).__qualname__}. Pass one of: {_supported_list()}."
             )
         if isinstance(layer, ReparametrizedCell):
-            what = "spectral-normalized" if type(layer).__name__ == "SpectralNormCell" else "weight-normalized"
             raise AlreadyWrappedError(
-                f"this {type(layer.layer).__name__} is already {what} by xnorm (its parameter "
+                f"this {type(layer.layer).__name__} is already {layer.description} by xnorm (its parameter "
                 f"{layer.wrapped_name!r} is held as {', '.join(map(repr, layer.own_parameter_names))}). "
                 "Call xnorm.remove on it first to wrap it again, with the same or another reparametrization."
             )
@@ -511,6 +534,10 @@ class MindSporeBackend(Backend):
             from .spectral import wrap_spectral  # imported on first use, as fused: it imports this module
 
             return wrap_spectral(layer, kind, kind_for_dim, name, spec, layout)
+        if isinstance(spec, Orthogonal):
+            from .orthogonal import wrap_orthogonal  # imported on first use, as fused: it imports this module
+
+            return wrap_orthogonal(layer, kind, name, spec, layout)
         dim = spec.resolved_dim(layout.canonical_ndim)  # raises DimError before anything changes
         storage_dim = layout.storage_dim(dim)
         axes = layout.storage_reduction_axes(dim) if dim is not None else tuple(range(len(param.shape)))
@@ -595,7 +622,7 @@ def _unwrap(wrapper: ReparametrizedCell) -> nn.Cell:
         if param_name not in wrapper.own_parameter_names and param is not None:
             layer._params[param_name] = param
     for child_name, child in wrapper._cells.items():
-        if child is not None:
+        if child is not None and child_name not in wrapper.helper_cells:
             layer._cells[child_name] = child
     layer.update_parameters_name(prefix)
     layer.set_train(wrapper.training)

@@ -134,6 +134,8 @@ class SpectralNormCell(ReparametrizedCell):
         matrix_shape: ``(h, w)``, or None for a 1-D parameter.
     """
 
+    description = "spectral-normalized"
+
     def __init__(self, layer: nn.Cell, kind: str, name: str, spec: SpectralNorm, dim: int, weight: Tensor,
                  state: Optional[Tuple[Tensor, Tensor]], perm: Optional[Tuple[int, ...]],
                  matrix_shape: Optional[Tuple[int, int]]):

@@ -24,9 +24,10 @@ dtypes on the CPU (MindSpore 2.10)
     the spec.
 
 Reparametrizations
-    Weight norm in every adapter; spectral norm in GRAPH_MODE and PYNATIVE_MODE (the fused adapter
-    reports its cases not run: fused is a weight-norm path). Spectral norm's state u, v is read as copies
-    and written in place (:func:`_assign`), where the compiled graphs read it.
+    Weight norm in every adapter; spectral norm and the orthogonal parametrization in GRAPH_MODE and
+    PYNATIVE_MODE (the fused adapter reports their cases not run: fused is a weight-norm path). Their
+    state (u, v; base) is read as copies and written in place (:func:`_assign`), where the compiled
+    graphs read it.
 
 Devices
     "cpu" always; "gpu"/"ascend" when MindSpore's package supports them here. MindSpore fixes its
@@ -48,6 +49,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 import xnorm
 from xnorm._backends.mindspore import ReparametrizedCell, WeightNormCell, _dtype_name, _storage_layout
+from xnorm._backends.mindspore.orthogonal import OrthogonalCell
 from xnorm._backends.mindspore.spectral import SpectralNormCell
 from xnorm.spec import LayerKind, Reparametrization, StorageLayout
 
@@ -60,8 +62,6 @@ __all__ = ["MindSporeGraphAdapter", "MindSporePyNativeAdapter", "MindSporeGraphF
 _DTYPES = {"float16": mindspore.float16, "float32": mindspore.float32, "float64": mindspore.float64,
            "bfloat16": mindspore.bfloat16}
 _TARGETS = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
-#: why the orthogonal cases are not run by the MindSpore adapters
-ORTHOGONAL_NOT_YET = "the mindspore backend does not implement the orthogonal parametrization yet (torch only so far)"
 # The device this process committed to (MindSpore cannot switch devices once kernels ran).
 _COMMITTED: Dict[str, str] = {}
 
@@ -242,8 +242,7 @@ class _MindSporeAdapter(Adapter):
     """
 
     backend = "mindspore"
-    reparametrizations = ("weight_norm", "spectral_norm")
-    reparametrization_reasons = {"orthogonal": ORTHOGONAL_NOT_YET}
+    reparametrizations = ("weight_norm", "spectral_norm", "orthogonal")
     dtypes = ("float32", "float64")
     dtype_reasons = {
         "bfloat16": "MindSpore 2.10's CPU MatMul and convolution kernels reject bfloat16",
@@ -368,7 +367,7 @@ class _MindSporeAdapter(Adapter):
         for a plain layer), in MindSpore's storage layout."""
         if isinstance(handle, WeightNormCell):
             out = {"g": getattr(handle, handle.wrapped_name + "_g"), "v": getattr(handle, handle.wrapped_name + "_v")}
-        elif isinstance(handle, SpectralNormCell):
+        elif isinstance(handle, (SpectralNormCell, OrthogonalCell)):
             out = {"original": getattr(handle, handle.wrapped_name + "_orig")}
         elif isinstance(handle, nn.Embedding):
             out = {"weight": handle.embedding_table}
@@ -392,13 +391,18 @@ class _MindSporeAdapter(Adapter):
         return tensors["weight"].dtype if "weight" in tensors else next(iter(tensors.values())).dtype
 
     def state(self, handle: nn.Cell) -> Dict[str, np.ndarray]:
-        """Spectral norm's ``{"u", "v"}`` (1-D: the same in every layout), copied; ``{}`` otherwise."""
-        if not isinstance(handle, SpectralNormCell) or handle.matrix_shape is None:
+        """Spectral norm's ``{"u", "v"}`` (1-D: the same in every layout) or the orthogonal ``{"base"}``
+        (canonical layout), copied; ``{}`` otherwise."""
+        if isinstance(handle, OrthogonalCell):
+            keys = ("base",) if handle.use_trivialization else ()
+        elif isinstance(handle, SpectralNormCell) and handle.matrix_shape is not None:
+            keys = ("u", "v")
+        else:
             return {}
-        return {key: _to_numpy(getattr(handle, f"{handle.wrapped_name}_{key}")) for key in ("u", "v")}
+        return {key: _to_numpy(getattr(handle, f"{handle.wrapped_name}_{key}")) for key in keys}
 
     def set_state(self, handle: nn.Cell, state: Dict[str, np.ndarray]) -> nn.Cell:
-        """Write ``state`` into u and v in place (:func:`_assign`), where compiled graphs read them."""
+        """Write ``state`` into its parameters in place (:func:`_assign`), where compiled graphs read them."""
         for key, value in state.items():
             param = getattr(handle, f"{handle.wrapped_name}_{key}")
             _assign(param, _tensor(value, _dtype_name(param.dtype)))
@@ -522,5 +526,5 @@ class MindSporeGraphFusedAdapter(MindSporeGraphAdapter):
     reparametrizations = ("weight_norm",)
     reparametrization_reasons = {
         "spectral_norm": "fused=True is a weight-norm path; spectral norm has none",
-        "orthogonal": ORTHOGONAL_NOT_YET,
+        "orthogonal": "fused=True is a weight-norm path; the orthogonal parametrization has none",
     }

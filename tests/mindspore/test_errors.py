@@ -70,14 +70,6 @@ def test_unsupported_layer_lists_supported_layers():
     assert_untouched(norm, before)
 
 
-def test_orthogonal_is_not_implemented_here_and_changes_nothing():
-    dense = nn.Dense(3, 3)
-    before = snapshot(dense)
-    with pytest.raises(UnsupportedLayerError, match="does not implement Orthogonal.*exists for torch so far"):
-        xnorm.orthogonal(dense)
-    assert_untouched(dense, before)
-
-
 def test_subclass_is_unsupported():
     # A subclass may override construct; the wrapper only reproduces the listed classes' construct.
     class MyDense(nn.Dense):
