@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .spec import REPARAMETRIZATIONS, LayerKind, SpectralNorm, StorageLayout, WeightNorm
+from .spec import REPARAMETRIZATIONS, LayerKind, Orthogonal, SpectralNorm, StorageLayout, WeightNorm
 
 FRAMEWORKS = ("torch", "mindspore", "flax")
 
@@ -57,14 +57,20 @@ REPARAMETRIZATION_SUFFIXES = tuple(
 
 
 #: torch's parametrization key tails (after ``parametrizations.<name>.``) and the legacy suffix each stands for:
-#: weight norm's ``original0``/``original1`` (g, v), spectral norm's ``original`` and its buffers ``0._u``/``0._v``.
+#: weight norm's ``original0``/``original1`` (g, v), spectral norm's and the orthogonal parametrization's
+#: ``original``, spectral norm's buffers ``0._u``/``0._v`` and the orthogonal ``0.base``.
 _TORCH_PARAMETRIZATION_TAILS = {
     "original0": WeightNorm.suffixes["g"],
     "original1": WeightNorm.suffixes["v"],
     "original": SpectralNorm.suffixes["original"],
     "0._u": SpectralNorm.suffixes["u"],
     "0._v": SpectralNorm.suffixes["v"],
+    "0.base": Orthogonal.suffixes["base"],
 }
+
+#: Suffixes of tensors every framework stores in the canonical (torch) layout, whatever the weight's layout:
+#: the orthogonal ``base``, a batch of ``n x n`` matrices over the weight's canonical batch axes.
+CANONICAL_LAYOUT_SUFFIXES = (Orthogonal.suffixes["base"],)
 
 
 _TORCH_PARAMETRIZATION = re.compile(
@@ -77,7 +83,8 @@ _TORCH_PARAMETRIZATION = re.compile(
 def canonical_torch_key(key: str) -> str:
     """torch's parametrization key style mapped to the legacy one: ``a.parametrizations.weight.original0`` ->
     ``a.weight_g`` (``original1`` -> ``a.weight_v``; spectral norm's ``original`` -> ``a.weight_orig``,
-    ``0._u`` -> ``a.weight_u``, ``0._v`` -> ``a.weight_v``); every other key is returned unchanged."""
+    ``0._u`` -> ``a.weight_u``, ``0._v`` -> ``a.weight_v``; the orthogonal ``0.base`` -> ``a.weight_base``);
+    every other key is returned unchanged."""
     match = _TORCH_PARAMETRIZATION.match(key)
     if match is None:
         return key
@@ -86,9 +93,10 @@ def canonical_torch_key(key: str) -> str:
 
 def layout(framework: str, kind: str, torch_name: str, canonical_ndim: int) -> StorageLayout:
     """How ``framework`` stores torch parameter ``torch_name`` (plain, or a reparametrization's tensor) of a
-    layer of ``kind``. Vectors (spectral norm's u and v, a 1-D weight) and scalars are stored as they are."""
-    base = _strip_reparametrization(torch_name)[0]
-    if base != "weight" or canonical_ndim <= 1:
+    layer of ``kind``. Vectors (spectral norm's u and v, a 1-D weight), scalars and the orthogonal ``base``
+    (:data:`CANONICAL_LAYOUT_SUFFIXES`) are stored as they are."""
+    base, suffix = _strip_reparametrization(torch_name)
+    if base != "weight" or canonical_ndim <= 1 or suffix in CANONICAL_LAYOUT_SUFFIXES:
         return StorageLayout.identity(canonical_ndim)
     spatial = LayerKind.spatial_dims(kind)
     # MindSpore keeps 1-d convolutions as 2-d ones: (a, b, k) is stored (a, b, 1, k), whatever ndim says.

@@ -35,6 +35,7 @@ def _run(steps):
         ("x.parametrizations.weight.original", "x.weight_orig"),  # spectral norm
         ("x.parametrizations.weight.0._u", "x.weight_u"),
         ("parametrizations.weight.0._v", "weight_v"),
+        ("x.parametrizations.weight.0.base", "x.weight_base"),  # orthogonal
         ("x.parametrizations.weight.1._u", "x.parametrizations.weight.1._u"),  # a stacked one: not ours, untouched
         ("x.parametrizations.weight.original2", "x.parametrizations.weight.original2"),
     ],
@@ -52,6 +53,14 @@ def test_mindspore_conv1d_weight_gains_a_unit_axis_and_g_follows():
         np.testing.assert_array_equal(storage.to_storage(array), array[:, :, None, :])
     assert porting.layout("mindspore", "conv_transpose1d", "weight", 3).storage_shape((8, 4, 3)) == (8, 4, 1, 3)
     assert porting.layout("mindspore", "conv2d", "weight", 4).storage_shape((8, 4, 3, 3)) == (8, 4, 3, 3)
+
+
+@pytest.mark.parametrize("framework, kind, ndim", [("flax", "linear", 2), ("flax", "conv2d", 4),
+                                                  ("mindspore", "conv1d", 3)])
+def test_the_orthogonal_base_is_canonical_everywhere_and_original_follows_the_weight(framework, kind, ndim):
+    base = np.random.default_rng(2).standard_normal((6, 6) if ndim == 2 else (2, 3, 4, 4)[: ndim - 2] + (4, 4))
+    np.testing.assert_array_equal(porting.layout(framework, kind, "weight_base", ndim).to_storage(base), base)
+    assert porting.layout(framework, kind, "weight_orig", ndim) == porting.layout(framework, kind, "weight", ndim)
 
 
 def test_flax_kernels_are_torch_weights_with_axes_reversed():

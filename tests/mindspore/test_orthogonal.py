@@ -272,3 +272,38 @@ def test_refusals_leave_the_layer_untouched():
     with pytest.raises(AlreadyWrappedError, match="already orthogonalized"):
         xnorm.weight_norm(wrapped)
     _untouched(wrapped, wrapped_before)
+
+
+@pytest.mark.parametrize("layers", ["linear", "conv1d"])
+def test_convert_carries_original_and_base_both_ways(layers):
+    """torch's ``parametrizations.weight.original`` and ``parametrizations.weight.0.base`` become
+    ``weight_orig`` (storage layout: a Conv1d gains its unit axis) and ``weight_base`` (canonical), and back."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    torch.manual_seed(0)
+    if layers == "linear":
+        source, target, x = torch.nn.Linear(3, 6), nn.Dense(3, 6), np.ones((2, 3), np.float32)
+    else:
+        source, target = torch.nn.Conv1d(3, 2, 4), nn.Conv1d(3, 2, 4, pad_mode="valid", has_bias=True)
+        x = np.random.default_rng(11).standard_normal((2, 3, 9)).astype(np.float32)
+    source = xnorm.orthogonal(source)
+    with torch.no_grad():
+        original = source.parametrizations.weight.original
+        original.add_(0.3 * torch.randn_like(original))
+    model = xnorm.orthogonal(target)
+    xnorm.convert(source.state_dict(), to="mindspore", like=model, load=True)
+    np.testing.assert_array_equal(model.weight_base.asnumpy(), source.parametrizations.weight[0].base.numpy())
+    assert xnorm.compare(source, model, x).ok
+    back = xnorm.convert(model, to="torch", like=source)
+    for key, value in source.state_dict().items():
+        assert torch.equal(back[key], value), key
+
+
+def test_convert_refuses_a_base_of_another_size_and_changes_nothing():
+    source = xnorm.orthogonal(torch.nn.Linear(3, 6))
+    state = dict(source.state_dict())
+    state["parametrizations.weight.0.base"] = torch.eye(5)
+    model = xnorm.orthogonal(nn.Dense(3, 6))
+    before = _snapshot(model)
+    with pytest.raises(xnorm.ConversionError, match="weight_base"):
+        xnorm.convert(state, to="mindspore", like=model, load=True)
+    _untouched(model, before)
