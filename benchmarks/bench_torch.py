@@ -17,6 +17,10 @@ train by default)
     the same plus ``native:parametrizations-cached`` (each forward inside
     ``torch.nn.utils.parametrize.cached()``) and ``removed`` (``xnorm.remove`` of a wrapped copy).
 
+``train`` of the orthogonal parametrization (groups ``<group>/orth-<map>``, sizes ``harness.ORTHOGONAL_SIZES``)
+    ``plain``, ``xnorm`` (``xnorm.orthogonal(layer, map)``), ``native:parametrizations``
+    (``torch.nn.utils.parametrizations.orthogonal``), for each map.
+
 Group ``cpu``, and ``cuda`` when ``torch.cuda.is_available()`` (timed with ``torch.cuda.synchronize``).
 The default repeats keep a whole run near 5 minutes on a quiet 2-core machine; the Conv1d (vocoder)
 size dominates it (about 60 GFLOP per forward), with one call per repetition.
@@ -35,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import orthogonal as parametrizations_orthogonal
 from torch.nn.utils.parametrizations import weight_norm as parametrizations_weight_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,6 +96,20 @@ def build_variant(variant: str, plain: nn.Module) -> nn.Module:
     if variant == "removed":
         return xnorm.remove(xnorm.wrap(module, dim=0))
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def orthogonal_candidates(features: int, orthogonal_map: str, device: str) -> Dict[str, Callable[[], None]]:
+    """Training steps of a square Linear: plain, xnorm's and torch's own orthogonal (both register the same
+    square weight, which draws nothing: they start from the same base)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(features, features).to(device)
+    x = torch.randn((64, features), generator=torch.Generator().manual_seed(1)).to(device)
+    modules = {
+        "plain": copy.deepcopy(plain),
+        "xnorm": xnorm.orthogonal(copy.deepcopy(plain), orthogonal_map),
+        "native:parametrizations": parametrizations_orthogonal(copy.deepcopy(plain), orthogonal_map=orthogonal_map),
+    }
+    return {variant: train_step(module, x) for variant, module in modules.items()}
 
 
 def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -162,6 +181,7 @@ def best_xnorm_ratio(rows: List[harness.Measurement], baseline: str) -> Tuple[Op
 
 def print_table(rows: List[harness.Measurement]) -> None:
     order = list(LAYERS)
+    rows = [row for row in rows if not harness.is_orthogonal_group(row.group)]
     keys = sorted({(row.group, row.size, row.task) for row in rows}, key=lambda k: (k[0], order.index(k[1]), k[2]))
     print("\nmedian per-repetition ratios (lower is faster); plain ms = median time per call of the plain layer")
     header = (
@@ -208,6 +228,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             size_start = time.perf_counter()
             rows += run_size(group, size, device, repeats, warmup, min_rep_seconds, sync)
             print(f"{group} {size}: {time.perf_counter() - size_start:.1f} s", file=sys.stderr)
+        rows += harness.orthogonal_rows(
+            args, group, lambda features, orthogonal_map, device=device: orthogonal_candidates(
+                features, orthogonal_map, device), f"eager; SGD lr={LEARNING_RATE:g}; loss mean(y**2)", sync)
 
     machine = harness.machine_info(
         torch=torch.__version__,
@@ -217,6 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     path = harness.save("torch", rows, machine, args.results_dir)
     print_table(rows)
+    harness.print_orthogonal_table(rows)
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s, saved to {path}")
     return 0
 

@@ -23,6 +23,10 @@ interleaved by one :func:`interleave` call. ``group`` names the mode and device 
   ``native:nnx.WeightNorm``, ``native:assign-wrapper``);
 * ``removed``: ``xnorm.remove`` applied to a wrapped layer (task ``inference``).
 
+The orthogonal parametrization's rows (:data:`ORTHOGONAL_SIZES`) live in the groups
+``<group>/orth-<map>``, where ``xnorm`` is ``xnorm.orthogonal(layer, map)`` and
+``native:parametrizations`` torch's own ``parametrizations.orthogonal``.
+
 ``benchmarks/report.py`` turns them into the ratio tables, the JSON summary and the plot.
 """
 
@@ -34,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
@@ -47,6 +52,72 @@ SIZES = {
     "conv1d-512-k7": "Conv1d 512->512, k=7, batch 8 x 4096 samples (vocoder)",
     "conv2d-64-3x3": "Conv2d 64->64, 3x3, batch 16 x 64x64",
 }
+
+#: The orthogonal parametrization's sizes (issue 12): a training step of a square Linear, timed per map in the
+#: groups ``<group>/orth-<map>`` (variants ``plain``, ``xnorm``, ``native:parametrizations`` where the
+#: framework has one), so that report.py's wrapped/plain and xnorm/native ratios apply unchanged.
+ORTHOGONAL_SIZES = {
+    "linear-256": "Linear 256->256, batch 64 (orthogonal)",
+    "linear-1024": "Linear 1024->1024, batch 64 (orthogonal)",
+}
+ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
+#: Default repetitions and warm-up calls per orthogonal size (a 1024 matrix_exp step takes about a second).
+ORTHOGONAL_REPEATS = {"linear-256": 11, "linear-1024": 5}
+ORTHOGONAL_WARMUP = {"linear-256": 2, "linear-1024": 1}
+
+
+def orthogonal_group(group: str, orthogonal_map: str) -> str:
+    """The group of the orthogonal rows of ``orthogonal_map`` timed in ``group``."""
+    return f"{group}/orth-{orthogonal_map}"
+
+
+def is_orthogonal_group(group: str) -> bool:
+    return "/orth-" in group
+
+
+def orthogonal_rows(args, group: str, candidates_for: Callable[[int, str], Mapping[str, Callable[[], object]]],
+                    note: str, sync: Optional[Callable[[], None]] = None) -> List[Measurement]:
+    """Time the orthogonal training steps of ``args.orthogonal_sizes`` (from :func:`parse_args`) in ``group``:
+    ``candidates_for(features, map)`` returns the backend's ``{variant: step}`` for a square Linear of
+    ``features``, all variants starting from the same weights; one :func:`interleave` per size and map."""
+    rows = []
+    for size in args.orthogonal_sizes:
+        started = time.perf_counter()
+        if args.quick:
+            repeats, warmup, min_rep_seconds = args.repeats or 2, 1, 0.0
+        else:
+            repeats, warmup = args.repeats or ORTHOGONAL_REPEATS[size], ORTHOGONAL_WARMUP[size]
+            min_rep_seconds = 0.1
+        for orthogonal_map in ORTHOGONAL_MAPS:
+            candidates = candidates_for(int(size.split("-")[1]), orthogonal_map)
+            times = interleave(candidates, repeats=repeats, warmup=warmup, min_rep_seconds=min_rep_seconds, sync=sync)
+            rows += [Measurement(orthogonal_group(group, orthogonal_map), size, "train", variant, times[variant],
+                                 note=note) for variant in candidates]
+        print(f"{group} orthogonal {size}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return rows
+
+
+def print_orthogonal_table(rows: List[Measurement]) -> None:
+    """The orthogonal rows' median per-repetition ratios: xnorm and native against plain, xnorm against native."""
+    rows = [row for row in rows if is_orthogonal_group(row.group)]
+    if not rows:
+        return
+    keys = sorted({(row.group, row.size) for row in rows}, key=lambda k: (list(ORTHOGONAL_SIZES).index(k[1]), k[0]))
+    print("\northogonal training step: median per-repetition ratios (lower is faster)")
+    header = f"{'group':<28} {'size':<12} {'plain ms':>9} {'xnorm':>8} {'native':>8} {'xnorm/native':>13}"
+    print(header)
+    print("-" * len(header))
+    for group, size in keys:
+        times = {row.variant: row.per_call_ms for row in rows if (row.group, row.size) == (group, size)}
+
+        def ratio(a: str, b: str, times=times) -> str:
+            if a not in times or b not in times:
+                return "-"
+            return f"{statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)):.3f}"
+
+        print(f"{group:<28} {size:<12} {statistics.median(times['plain']):9.3f} {ratio('xnorm', 'plain'):>8} "
+              f"{ratio('native:parametrizations', 'plain'):>8} {ratio('xnorm', 'native:parametrizations'):>13}")
+
 
 #: Tasks a row can time.
 TASKS = {
@@ -152,6 +223,10 @@ def parse_args(description: str, argv: Optional[List[str]], *, quick_help: str, 
     parser.add_argument(
         "--sizes", default=",".join(SIZES), help=f"comma-separated, from {', '.join(SIZES)}{sizes_help}"
     )
+    parser.add_argument(
+        "--orthogonal-sizes", default=",".join(ORTHOGONAL_SIZES),
+        help=f"comma-separated orthogonal training-step sizes, from {', '.join(ORTHOGONAL_SIZES)}; '' for none",
+    )
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -159,6 +234,10 @@ def parse_args(description: str, argv: Optional[List[str]], *, quick_help: str, 
     unknown = [size for size in sizes if size not in SIZES]
     if unknown:
         parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
+    args.orthogonal_sizes = [size.strip() for size in args.orthogonal_sizes.split(",") if size.strip()]
+    unknown = [size for size in args.orthogonal_sizes if size not in ORTHOGONAL_SIZES]
+    if unknown:
+        parser.error(f"unknown orthogonal size(s) {', '.join(unknown)}; choose from {', '.join(ORTHOGONAL_SIZES)}")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args, sizes

@@ -25,7 +25,7 @@ from typing import Dict, List
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from harness import RESULTS_DIR, SIZES  # noqa: E402
+from harness import ORTHOGONAL_SIZES, RESULTS_DIR, SIZES  # noqa: E402
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 XNORM_VARIANTS = ("xnorm", "xnorm-fused")
@@ -135,6 +135,8 @@ def markdown(payloads: List[dict], all_ratios: List[dict]) -> str:
             )
         lines += ["", "</details>", ""]
     lines += ["Sizes: " + "; ".join(f"`{k}` {v}" for k, v in SIZES.items()), ""]
+    lines += ["Orthogonal sizes (groups `<group>/orth-<map>`): "
+              + "; ".join(f"`{k}` {v}" for k, v in ORTHOGONAL_SIZES.items()), ""]
     return "\n".join(lines)
 
 

@@ -642,7 +642,8 @@ def test_errors_are_the_non_fused_errors_and_leave_the_layer_untouched(label):
 def test_benchmark_quick_smoke_run(tmp_path):
     script = ROOT / "benchmarks" / "bench_torch.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--quick", "--sizes", "linear-64", "--results-dir", str(tmp_path)],
+        [sys.executable, str(script), "--quick", "--sizes", "linear-64", "--orthogonal-sizes", "linear-256",
+         "--results-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -650,4 +651,7 @@ def test_benchmark_quick_smoke_run(tmp_path):
     seen = {(row["task"], row["variant"]) for row in rows}
     assert {("train", v) for v in ("plain", "xnorm", "xnorm-fused", "native:parametrizations", "native:legacy")} <= seen
     assert ("inference", "removed") in seen and ("inference", "native:parametrizations-cached") in seen
+    orthogonal = {(row["group"], row["size"], row["variant"]) for row in rows if "/orth-" in row["group"]}
+    assert orthogonal == {(f"cpu/orth-{m}", "linear-256", v) for m in ("matrix_exp", "cayley", "householder")
+                          for v in ("plain", "xnorm", "native:parametrizations")}
     assert all(row["per_call_ms"] and all(t > 0 for t in row["per_call_ms"]) for row in rows)
