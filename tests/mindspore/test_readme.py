@@ -21,3 +21,17 @@ def test_readme_mindspore_quickstart_runs(tmp_path, monkeypatch):
     assert [p.name for p in net.trainable_params()] == ["conv.weight", "conv.bias", "head.weight", "head.bias"]
     assert (tmp_path / "net.mindir").is_file()
     np.testing.assert_array_equal(namespace["reloaded"](x).asnumpy(), net(x).asnumpy())
+
+
+def test_readme_mindspore_orthogonal_example_runs(tmp_path, capsys):
+    section = README.read_text().split("## Orthogonal parametrization", 1)[1].split("\n## ", 1)[0]
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", section, re.S) if "mindspore" in code]
+    assert len(blocks) == 1
+    script = tmp_path / "readme_orthogonal.py"
+    script.write_text(blocks[0])
+    namespace = runpy.run_path(str(script), run_name="readme_orthogonal")
+    assert capsys.readouterr().out.split() == ["True"]
+    plain, w = namespace["plain"], namespace["w"]
+    assert sorted(p.name for p in plain.get_parameters()) == ["weight"]
+    np.testing.assert_allclose(w.T @ w, np.eye(8), atol=1e-5)
+    np.testing.assert_array_equal(plain.weight.asnumpy(), w)

@@ -31,7 +31,7 @@ def test_readme_spectral_norm_example_runs():
 
 
 def test_readme_orthogonal_example_runs(capsys):
-    namespace = _run_section("## Orthogonal parametrization (torch so far)")
+    namespace = _run_section("## Orthogonal parametrization")
     assert capsys.readouterr().out.strip() == "True"
     rotation = namespace["rotation"]
     assert not hasattr(rotation, "parametrizations") and type(rotation).__name__ == "Linear"
