@@ -1,6 +1,11 @@
 """Checkpoint files without a framework: the format of a file (:func:`file_format`, by suffix or by its
 first bytes), safetensors read lazily and written without a copy, atomic writes, and picking one state
-dict out of a checkpoint holding several (:func:`pick_entry`)."""
+dict out of a checkpoint holding several (:func:`pick_entry`).
+
+The safetensors reader and writer stay hand-written, checked against the ``safetensors`` library on the same
+files (tests/core/test_hostile_files.py): the library's NumPy API reads every tensor into memory at once, where
+conversion maps each tensor only while it is converted, and writes from one dict of ready arrays, where conversion
+produces them one at a time; that keeps a conversion's peak memory within its target (twice the checkpoint)."""
 
 from __future__ import annotations
 
@@ -118,27 +123,31 @@ def read_safetensors(path: Union[str, os.PathLike]) -> Dict[str, ArrayRef]:
         if header_len > size - 8:
             raise CheckpointFileError(corrupt + f"its header claims {header_len} bytes but the file has {size - 8}.")
         try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            header = json.loads(f.read(header_len).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as error:  # also non-UTF-8, a duplicate key, nesting past the stack
             raise CheckpointFileError(corrupt + f"its header is not JSON ({error}).") from None
     if not isinstance(header, dict):
         raise CheckpointFileError(corrupt + "its header is not a JSON object.")
     data_start = 8 + header_len
     refs: Dict[str, ArrayRef] = {}
+    spans = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
         try:
             dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, end = (int(n) for n in entry["data_offsets"])
+            shape = _sizes(entry["shape"])
+            begin, end = _sizes(entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointFileError(corrupt + f"entry {key!r} has no valid dtype/shape/data_offsets.") from None
+        if math.prod(n or 1 for n in shape) * _itemsize(dtype) > _MAX_SIZE:
+            raise CheckpointFileError(corrupt + f"entry {key!r} has a shape {list(shape)} too large for any array.")
         if end - begin != math.prod(shape) * _itemsize(dtype) or begin < 0 or data_start + end > size:
             raise CheckpointFileError(
                 corrupt + f"entry {key!r} ({dtype}{list(shape)}) needs bytes {begin}..{end} of "
                 f"a data section of {size - data_start} bytes."
             )
+        spans.append((begin, end, key))
 
         def load(path=path, dtype=dtype, shape=shape, offset=data_start + begin):
             if math.prod(shape) == 0:
@@ -147,7 +156,42 @@ def read_safetensors(path: Union[str, os.PathLike]) -> Dict[str, ArrayRef]:
             return np.memmap(path, dtype=_numpy_dtype(dtype), mode="r", offset=offset, shape=shape)
 
         refs[key] = ArrayRef(key, shape, dtype, load)
+    # As the safetensors library requires: tensors tile the data section, so none shares bytes with another
+    # (writing through one would change the other) and no bytes are hidden between them.
+    covered = 0
+    for begin, end, key in sorted(spans):
+        if begin != covered:
+            raise CheckpointFileError(
+                corrupt + f"entry {key!r} starts at byte {begin} of the data section, not at {covered} where the "
+                "previous tensor ends: tensors overlap or leave a gap."
+            )
+        covered = end
+    if covered != size - data_start:
+        raise CheckpointFileError(
+            corrupt + f"its tensors cover {covered} bytes of a data section of {size - data_start} bytes."
+        )
     return refs
+
+
+#: the largest array NumPy can address, in bytes (its sizes are signed 64-bit)
+_MAX_SIZE = 2**63 - 1
+
+
+def _sizes(values: Any) -> Tuple[int, ...]:
+    """A JSON list of sizes: only non-negative integers (``int()`` would take 1.5, true or "3" as sizes)."""
+    if not isinstance(values, list) or not all(type(n) is int and 0 <= n <= _MAX_SIZE for n in values):
+        raise ValueError(values)
+    return tuple(values)
+
+
+def _unique_keys(pairs: Any) -> Dict[str, Any]:
+    """A JSON object whose keys are all different: ``json.loads`` would keep the last of two silently."""
+    header: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in header:
+            raise ValueError(f"the key {key!r} appears twice")
+        header[key] = value
+    return header
 
 
 def write_safetensors(arrays: Mapping[str, Any], path: Union[str, os.PathLike]) -> None:
@@ -175,7 +219,8 @@ def write_safetensors(arrays: Mapping[str, Any], path: Union[str, os.PathLike]) 
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
             for array in arrays.values():
-                f.write(np.ascontiguousarray(array).tobytes())
+                # safetensors is little-endian; a big-endian array's bytes would be read back as other numbers
+                f.write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
 
     atomic_write(path, write)
 
