@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -100,7 +101,9 @@ def _refused(error: Exception) -> str:
     custom class), else the unpickler's own line. torch's message is paragraphs of advice with terminal
     colour codes, written for someone about to unpickle anyway."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # "Unsupported global: GLOBAL x.y was not an allowed global", or for a module torch blocks outright
+    # (os, subprocess...) "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+    found = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", text)
     if found:
         return f"the pickled object {found[1]}"
     detail = next((line.strip() for line in text.splitlines() if "WeightsUnpickler error:" in line), "")
@@ -120,6 +123,8 @@ def _load_pt(path: Path) -> Mapping[str, Any]:
             f"{os.fspath(path)!r} is not a torch checkpoint (truncated or corrupt?): it starts with {head!r}, "
             "not a zip archive or a pickle."
         )
+    if head == b"PK":
+        _check_records(path)
     try:
         try:
             # mmap keeps a large checkpoint out of memory until each tensor is converted.
@@ -139,6 +144,28 @@ def _load_pt(path: Path) -> Mapping[str, Any]:
             f"{os.fspath(path)!r} cannot be read as a torch checkpoint (truncated or corrupt?): "
             f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         ) from None
+
+
+def _check_records(path: Path) -> None:
+    """Refuse a zip archive unlike torch.save's before torch.load reads it: torch.load allocates a record's
+    declared size before reading its bytes, so a compressed record (torch.save stores every record
+    uncompressed) or one larger than the file could claim gigabytes from a few bytes (a zip bomb)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except Exception as error:  # zipfile reports a damaged directory as BadZipFile, EOFError, struct.error...
+        raise CheckpointFileError(
+            f"{os.fspath(path)!r} cannot be read as a torch checkpoint (truncated or corrupt?): its zip directory "
+            f"is damaged ({type(error).__name__}: {error})."
+        ) from None
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+            raise CheckpointFileError(
+                f"{os.fspath(path)!r} is not a zip archive as torch.save writes it: its record {record.filename!r} "
+                f"declares {record.file_size} bytes ({'compressed' if record.compress_type else 'stored'} in "
+                f"{record.compress_size}) in a file of {size} bytes (a zip bomb?). Save it again with torch.save."
+            )
 
 
 def read(source: Any, *, entry: Optional[str] = None) -> Dict[str, ArrayRef]:
