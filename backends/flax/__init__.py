@@ -1,5 +1,5 @@
-"""The Flax backend: weight normalization (here) and spectral normalization (:mod:`.spectral`) for
-``flax.linen`` and ``flax.nnx`` modules.
+"""The Flax backend: weight normalization (here), spectral normalization (:mod:`.spectral`) and the
+orthogonal parametrization (:mod:`.orthogonal`) for ``flax.linen`` and ``flax.nnx`` modules.
 
 ``xnorm.wrap(layer, backend="flax", dim=0)`` returns a new module that computes::
 
@@ -62,6 +62,7 @@ from xnorm.registry import Backend
 from xnorm.spec import (
     REPARAMETRIZATIONS,
     LayerKind,
+    Orthogonal,
     Reparametrization,
     SpectralNorm,
     StorageLayout,
@@ -298,10 +299,13 @@ def linen_weight(module: nn.Module, variables: Mapping[str, Any]):
     For a spectral-norm wrapper this is the eval-mode weight ``W / sigma`` with the stored u and v
     (no power iteration; ``variables`` needs its ``batch_stats``), see :mod:`.spectral`.
     """
+    from .orthogonal import LinenOrthogonal, linen_orthogonal_weight
     from .spectral import LinenSpectralNorm, linen_spectral_weight
 
     if isinstance(module, LinenSpectralNorm):
         return linen_spectral_weight(module, variables)
+    if isinstance(module, LinenOrthogonal):
+        return linen_orthogonal_weight(module, variables)
     if not isinstance(module, LinenWeightNorm):
         raise api._not_wrapped(module)
     params = _wrapped_params(module, variables)
@@ -428,7 +432,7 @@ class FlaxBackend(Backend):
     implement, a linen module already bound to variables, a layer with variables outside ``params``,
     a nested weight), MissingParameterError, NonFloatingParameterError, DimError, AlreadyWrappedError
     (an xnorm wrapper, Flax's own ``WeightNorm`` or ``SpectralNorm``, or variables that already hold
-    any reparametrization's names: ``<name>_g``, ``_v``, ``_orig``, ``_u``), NotWrappedError,
+    any reparametrization's names: ``<name>_g``, ``_v``, ``_orig``, ``_u``, ``_base``), NotWrappedError,
     OptionError.
     """
 
@@ -442,10 +446,10 @@ class FlaxBackend(Backend):
 
     # -- wrap -----------------------------------------------------------------------------------
     def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str] = None, **options: Any) -> Any:
-        if not isinstance(spec, (WeightNorm, SpectralNorm)):
+        if not isinstance(spec, (WeightNorm, SpectralNorm, Orthogonal)):
             raise UnsupportedLayerError(
-                f"the flax backend does not implement {type(spec).__name__}; it implements WeightNorm and SpectralNorm "
-                "(Orthogonal exists for torch so far)."
+                f"the flax backend does not implement {type(spec).__name__}; it implements WeightNorm, SpectralNorm "
+                "and Orthogonal."
             )
         variables = options.pop("variables", _MISSING)
         fused = options.pop("fused", False)
@@ -454,13 +458,13 @@ class FlaxBackend(Backend):
             raise OptionError(
                 f"unknown option(s) for the flax backend: {', '.join(sorted(options))}. The flax backend "
                 "accepts variables= (linen only: the existing variables of the layer to wrap), fused= (weight "
-                "norm) and rngs= (spectral norm's initial draws)."
+                "norm) and rngs= (the draws of spectral norm and of the orthogonal parametrization)."
             )
         if not isinstance(fused, bool):
             raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
         if fused and not isinstance(spec, WeightNorm):
             raise OptionError(f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path.")
-        if rngs is not _MISSING and not isinstance(spec, SpectralNorm):
+        if rngs is not _MISSING and not isinstance(spec, (SpectralNorm, Orthogonal)):
             raise OptionError("rngs= seeds spectral norm's initial u and v; weight norm draws nothing. Drop it.")
         native = (nn.WeightNorm, nnx.WeightNorm, nn.SpectralNorm, nnx.SpectralNorm)
         if isinstance(layer, _xnorm_wrappers() + native):
@@ -489,8 +493,8 @@ class FlaxBackend(Backend):
         if variables is _MISSING:
             if rngs is not _MISSING:
                 raise OptionError(
-                    "rngs= is for xnorm.wrap(..., variables=...): without variables, spectral norm draws u and v "
-                    "at init, from its 'params' rng. Drop rngs=."
+                    "rngs= is for xnorm.wrap(..., variables=...): without variables, the wrapper draws at init "
+                    "(spectral norm's u and v, an orthogonal completion), from its 'params' rng. Drop rngs=."
                 )
             ranks = _known_ranks(layer)
             if ranks is not None:
@@ -500,6 +504,8 @@ class FlaxBackend(Backend):
                     )
                 check_floating(jnp.dtype(layer.param_dtype).name, what=f"{type(layer).__name__}.{name}")
                 spec.resolved_dim(ranks[name], kind)
+                if isinstance(spec, Orthogonal):
+                    spec.resolved_map((0,) * ranks[name])  # DimError for a 1-D weight now, not at init
             else:
                 spec.resolved_dim(1 << 30, kind)  # type checks now; the range once init knows the rank
             return self._make_linen(layer, spec, name, fused)
@@ -546,6 +552,13 @@ class FlaxBackend(Backend):
             key = spectral.draw_key(_required_rngs(rngs))
             wrapped_variables = spectral.wrapped_linen_variables(variables, layer, spec, name, key)
             return self._make_linen(layer, spec, name), wrapped_variables
+        if isinstance(spec, Orthogonal):
+            from . import orthogonal
+
+            wrapped_variables = orthogonal.wrapped_linen_variables(
+                variables, layer, spec, name, None if rngs is _MISSING else rngs
+            )
+            return self._make_linen(layer, spec, name), wrapped_variables
         g_name, v_name = _names(spec, name)
         _, axes, keep = _resolve(layer, name, spec, weight.ndim)
         g0 = _init_g(weight, axes, keep, spec.eps)
@@ -561,6 +574,16 @@ class FlaxBackend(Backend):
             cls: type = LinenSpectralNorm
             fields = dict(
                 layer=layer, param_name=name, n_power_iterations=spec.n_power_iterations, eps=spec.eps, dim=spec.dim
+            )
+        elif isinstance(spec, Orthogonal):
+            from .orthogonal import LinenOrthogonal
+
+            cls = LinenOrthogonal
+            fields = dict(
+                layer=layer,
+                param_name=name,
+                orthogonal_map=spec.orthogonal_map,
+                use_trivialization=spec.use_trivialization,
             )
         else:
             cls = _wrapper_classes(fused)[0]
@@ -602,6 +625,10 @@ class FlaxBackend(Backend):
 
             key = spectral.draw_key(_required_rngs(rngs))
             return spectral.NNXSpectralNorm(layer, name=name, spec=spec, key=key)
+        if isinstance(spec, Orthogonal):
+            from . import orthogonal
+
+            return orthogonal.wrap_nnx(layer, name, spec, weight, None if rngs is _MISSING else rngs)
         return _wrapper_classes(fused)[1](layer, name=name, spec=spec)
 
     # -- remove ---------------------------------------------------------------------------------
@@ -616,10 +643,13 @@ class FlaxBackend(Backend):
         return self._remove_nnx(obj)
 
     def _remove_linen(self, module: nn.Module, *args: Any, **options: Any) -> Tuple[nn.Module, Any]:
+        from .orthogonal import LinenOrthogonal
+        from .orthogonal import remove_linen as remove_linen_orthogonal
         from .spectral import LinenSpectralNorm
         from .spectral import remove_linen as remove_linen_spectral
 
-        if not isinstance(module, (LinenWeightNorm, LinenSpectralNorm)):
+        linen_wrappers = (LinenWeightNorm, LinenSpectralNorm, LinenOrthogonal)
+        if not isinstance(module, linen_wrappers):
             from .linen_model import remove_linen_model  # a whole model: its wrappers, one by one
 
             if len(args) != 1:
@@ -627,13 +657,20 @@ class FlaxBackend(Backend):
                     "xnorm.remove on a linen model needs its variables: "
                     "plain_model, plain_variables = xnorm.remove(model, variables)."
                 )
-            return remove_linen_model(self, module, args[0], (LinenWeightNorm, LinenSpectralNorm), **options)
+            return remove_linen_model(self, module, args[0], linen_wrappers, **options)
         if len(args) != 1:
             raise OptionError(
                 "xnorm.remove on a linen wrapper needs its variables: "
                 "plain_module, plain_variables = xnorm.remove(module, variables)."
             )
         variables = args[0]
+        if isinstance(module, LinenOrthogonal):
+            if options:
+                raise OptionError(
+                    f"xnorm.remove on a linen orthogonal wrapper takes no keyword options (got "
+                    f"{', '.join(sorted(options))}): its base never changes, so there is no mode to choose."
+                )
+            return remove_linen_orthogonal(module, variables)
         if isinstance(module, LinenSpectralNorm):
             update_stats = options.pop("update_stats", None)
             if options:
@@ -677,9 +714,10 @@ class FlaxBackend(Backend):
 
 def _xnorm_wrappers() -> Tuple[type, ...]:
     """Every wrapper class :func:`xnorm.wrap` returns for Flax (the fused ones are subclasses)."""
+    from .orthogonal import LinenOrthogonal, NNXOrthogonal
     from .spectral import LinenSpectralNorm, NNXSpectralNorm
 
-    return LinenWeightNorm, NNXWeightNorm, LinenSpectralNorm, NNXSpectralNorm
+    return LinenWeightNorm, NNXWeightNorm, LinenSpectralNorm, NNXSpectralNorm, LinenOrthogonal, NNXOrthogonal
 
 
 def _reparametrized_names(name: str) -> Tuple[str, ...]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +24,7 @@ from xnorm.errors import (
     OptionError,
     UnsupportedLayerError,
 )
+from xnorm.spec import Reparametrization
 
 X = jnp.ones((2, 3), jnp.float32)
 
@@ -100,16 +104,36 @@ def test_nnx_static_attribute_is_not_a_parameter():
         xnorm.wrap(layer, name="in_features")
 
 
-def test_orthogonal_is_not_implemented_here_and_changes_nothing():
+def test_orthogonal_is_implemented_here_and_wrapping_leaves_the_layer_as_it_was():
+    # tests/flax/test_orthogonal.py checks the math; here: wrapping copies, the plain layer is not written
     module, variables = linen_dense()
     saved = snapshot(variables)
-    with pytest.raises(UnsupportedLayerError, match="does not implement Orthogonal.*exists for torch so far"):
-        xnorm.orthogonal(module, variables=variables)
+    wrapper, wrapped = xnorm.orthogonal(module, variables=variables, rngs=0)
+    assert xnorm.is_wrapped(wrapper) and set(wrapped["params"]) == {"kernel_orig", "bias"}
+    assert set(wrapped["batch_stats"]) == {"kernel_base"}
     assert_same(variables, saved)
     layer = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
     saved_layer = nnx_snapshot(layer)
-    with pytest.raises(UnsupportedLayerError, match="does not implement Orthogonal"):
-        xnorm.orthogonal(layer)
+    assert xnorm.is_wrapped(xnorm.orthogonal(layer))
+    assert_nnx_same(layer, saved_layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unknown(Reparametrization):
+    kind: ClassVar[str] = "unknown"
+
+
+def test_a_reparametrization_this_backend_does_not_implement_changes_nothing():
+    module, variables = linen_dense()
+    saved = snapshot(variables)
+    implemented = "does not implement _Unknown; it implements WeightNorm, SpectralNorm and Orthogonal"
+    with pytest.raises(UnsupportedLayerError, match=implemented):
+        xnorm.wrap(module, _Unknown(), variables=variables)
+    assert_same(variables, saved)
+    layer = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    saved_layer = nnx_snapshot(layer)
+    with pytest.raises(UnsupportedLayerError, match="does not implement _Unknown"):
+        xnorm.wrap(layer, _Unknown())
     assert_nnx_same(layer, saved_layer)
 
 
