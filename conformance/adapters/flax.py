@@ -19,6 +19,10 @@ variables, and every call passes ``update_stats`` (training-mode calls, gradient
 keeps them as ``nnx.BatchStat``s that ``nnx.jit``/``nnx.grad`` update, and eval calls run under
 ``module.eval()``. The state is an argument of every compiled program, like the parameters.
 
+The orthogonal parametrization's ``base`` is state too (linen ``batch_stats``, NNX ``nnx.BatchStat``,
+canonical layout), but it never changes and its wrapper has no mode: linen calls pass it with the
+parameters, read-only, and no ``update_stats``.
+
 Speed. Nearly all of a case's time is XLA:CPU compiling: its forward, gradient and SGD-step programs
 and the small eager programs of ``xnorm.wrap`` and the weight check, each about 0.1-1 s, against
 ~0.15 s for running the whole life cycle once compiled. Every case is a new (layer, dtype, dim), so
@@ -44,7 +48,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +60,17 @@ from flax import nnx, serialization
 import xnorm
 from xnorm._backends.flax import linen_weight
 from xnorm._backends.flax.spectral import STATE_COLLECTION
-from xnorm.spec import LayerKind, Reparametrization, SpectralNorm, StorageLayout
+from xnorm.spec import LayerKind, Orthogonal, Reparametrization, SpectralNorm, StorageLayout
 
 from ..adapter import Adapter
 from ..cases import LayerCase
 
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _PLATFORMS = {"cpu": "cpu", "gpu": "gpu"}
-#: why the orthogonal cases are not run by the Flax adapters
-ORTHOGONAL_NOT_YET = "the flax backend does not implement the orthogonal parametrization yet (torch only so far)"
+#: the reparametrizations xnorm's Flax backend implements
+FLAX_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm", "orthogonal")
+#: why the fused adapters do not run the orthogonal cases
+ORTHOGONAL_NOT_FUSED = "fused=True is a weight-norm path; the orthogonal parametrization has none"
 
 
 class UnsupportedCase(NotImplementedError):
@@ -232,9 +238,10 @@ def _protocol_parameters(layer: LayerCase, spec: Optional[Reparametrization], va
 
 
 def _wrap_options(spec: Reparametrization) -> dict:
-    """Options of ``xnorm.wrap`` beyond the spec: spectral norm's initial draws need a key (the suite
-    then sets the state to its own values, so which key does not matter)."""
-    return {"rngs": 0} if isinstance(spec, SpectralNorm) else {}
+    """Options of ``xnorm.wrap`` beyond the spec: spectral norm's initial draws and the orthogonal
+    completion of a non-square weight need a key (the suite then sets the state to its own values, so
+    which key does not matter)."""
+    return {"rngs": 0} if isinstance(spec, (SpectralNorm, Orthogonal)) else {}
 
 
 def _state_names(handle) -> Dict[str, str]:
@@ -253,6 +260,12 @@ class _FlaxAdapter(Adapter):
         "table's float16 row yet"
     }
     devices = ("cpu", "gpu")
+
+    @property
+    def reparametrizations(self) -> Tuple[str, ...]:
+        """Every reparametrization the Flax backend implements but those a subclass gives a not-run reason
+        for (the native adapters' Flax has no orthogonal parametrization); the fused adapters list theirs."""
+        return tuple(kind for kind in FLAX_REPARAMETRIZATIONS if kind not in self.reparametrization_reasons)
 
     def versions(self) -> Dict[str, str]:
         return {dist: importlib.metadata.version(dist) for dist in ("jax", "jaxlib", "flax", "optax")}
@@ -321,14 +334,18 @@ class LinenHandle:
 
     @property
     def stateful(self) -> bool:
-        """Wrapped with a reparametrization that has state: every call says its mode (``update_stats``)."""
-        return self.spec is not None and bool(self.spec.state)
+        """Wrapped with spectral norm, whose state a training-mode use updates: every call says its mode
+        (``update_stats``). The orthogonal parametrization's base is only read: no mode."""
+        return isinstance(self.spec, SpectralNorm)
+
+    @property
+    def read_only(self) -> Dict[str, Any]:
+        """The collections besides ``params`` (the orthogonal base), passed to every call unchanged."""
+        return {key: value for key, value in self.variables.items() if key != "params"}
 
 
 class LinenAdapter(_FlaxAdapter):
     name = "flax-linen"
-    reparametrizations = ("weight_norm", "spectral_norm")
-    reparametrization_reasons = {"orthogonal": ORTHOGONAL_NOT_YET}
 
     def __init__(self) -> None:
         self._compiled: Dict[Any, Any] = {}
@@ -415,13 +432,13 @@ class LinenAdapter(_FlaxAdapter):
         if not handle.stateful:
 
             def make(module):
-                def grads(params, x, grad_y):
-                    _, vjp = jax.vjp(lambda p: module.apply({"params": p}, x), params)
+                def grads(params, rest, x, grad_y):
+                    _, vjp = jax.vjp(lambda p: module.apply({**rest, "params": p}, x), params)
                     return vjp(grad_y)[0]
 
                 return grads
 
-            grads = self._jit(handle, "gradients", make)(handle.variables["params"], x, grad_y)
+            grads = self._jit(handle, "gradients", make)(handle.variables["params"], handle.read_only, x, grad_y)
         else:
 
             def make(module):
@@ -452,9 +469,9 @@ class LinenAdapter(_FlaxAdapter):
         if not handle.stateful:
 
             def make(module):
-                def step(params, opt_state, x, target):
+                def step(params, rest, opt_state, x, target):
                     def loss(p):
-                        y = module.apply({"params": p}, x)
+                        y = module.apply({**rest, "params": p}, x)
                         return 0.5 * jnp.mean((y - target) ** 2)
 
                     grads = jax.grad(loss)(params)
@@ -464,7 +481,7 @@ class LinenAdapter(_FlaxAdapter):
                 return step
 
             params, opt_state = self._jit(handle, ("sgd", lr), make)(
-                handle.variables["params"], handle.opt_state, x, target
+                handle.variables["params"], handle.read_only, handle.opt_state, x, target
             )
             handle.variables = {**handle.variables, "params": params}
         else:
@@ -529,8 +546,6 @@ def _nnx_sgd(module, optimizer, x, target):
 
 class NNXAdapter(_FlaxAdapter):
     name = "flax-nnx"
-    reparametrizations = ("weight_norm", "spectral_norm")
-    reparametrization_reasons = {"orthogonal": ORTHOGONAL_NOT_YET}
 
     def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> NNXHandle:
         module = nnx_layer(layer, dtype)
@@ -625,7 +640,7 @@ class LinenFusedAdapter(LinenAdapter):
     reparametrizations = ("weight_norm",)
     reparametrization_reasons = {
         "spectral_norm": "fused=True is a weight-norm path; spectral norm has none",
-        "orthogonal": ORTHOGONAL_NOT_YET,
+        "orthogonal": ORTHOGONAL_NOT_FUSED,
     }
 
     def wrap(self, handle: LinenHandle, spec: Reparametrization) -> LinenHandle:
@@ -640,7 +655,7 @@ class NNXFusedAdapter(NNXAdapter):
     reparametrizations = ("weight_norm",)
     reparametrization_reasons = {
         "spectral_norm": "fused=True is a weight-norm path; spectral norm has none",
-        "orthogonal": ORTHOGONAL_NOT_YET,
+        "orthogonal": ORTHOGONAL_NOT_FUSED,
     }
 
     def wrap(self, handle: NNXHandle, spec: Reparametrization) -> NNXHandle:
