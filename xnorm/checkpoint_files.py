@@ -202,6 +202,10 @@ def write_safetensors(arrays: Mapping[str, Any], path: Union[str, os.PathLike]) 
     header: Dict[str, Any] = {}
     offset = 0
     for key, array in arrays.items():
+        if key == "__metadata__":
+            # the format's reserved header entry: readers (this one, the safetensors library) skip it
+            raise ConversionError("a tensor named '__metadata__' cannot be written to .safetensors (the name is the "
+                                  "format's reserved header entry); rename it.")
         dtype = "bfloat16" if str(array.dtype) == "bfloat16" else np.dtype(array.dtype).name
         if dtype not in names:
             raise ConversionError(f"{key!r} has dtype {dtype}, which .safetensors cannot hold.")

@@ -112,7 +112,15 @@ def _loaded_framework_modules() -> List[Tuple[str, Any]]:
 
 def _source_framework(source: Any, to: str) -> str:
     if isinstance(source, (str, os.PathLike)):
-        return FORMAT_FRAMEWORKS[file_format(source)]
+        name = FORMAT_FRAMEWORKS[file_format(source)]
+        if name == to:
+            raise ConversionError(
+                f"{os.fspath(source)!r} is a {name} checkpoint ({file_format(source)}) and to={to!r}: xnorm converts "
+                f"between frameworks, not within one. Load it with {name} directly (its key styles, legacy or "
+                "parametrizations, load into an xnorm-wrapped torch model as they are), or convert it to another "
+                "framework."
+            )
+        return name
     if to != "torch":
         return "torch"
     for name, module in _loaded_framework_modules():

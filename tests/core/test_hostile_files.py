@@ -309,3 +309,13 @@ def test_files_the_library_refuses_are_refused(tmp_path):
         with pytest.raises(Exception):  # noqa: B017 - the library raises its own SafetensorError
             library.load_file(str(path))
         _refused(path)
+
+
+def test_a_tensor_named_like_the_reserved_metadata_entry_is_not_written(tmp_path):
+    from xnorm.checkpoint_files import write_safetensors
+    from xnorm.errors import ConversionError
+
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(ConversionError, match="'__metadata__'.*reserved"):
+        write_safetensors({"w": np.ones(2, np.float32), "__metadata__": np.zeros(1, np.float32)}, path)
+    assert not path.exists() and not list(tmp_path.iterdir())

@@ -293,3 +293,23 @@ def test_like_factories_take_arguments(tmp_path, monkeypatch, capsys):
     args = ["convert", str(src), "--to", "torch", "--like", "zoo_factories:build", "-o", str(tmp_path / "o.pt")]
     assert cli([*args, "--like-arg", "no equals sign"]) == 2
     assert "must be NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_torch_file_converted_to_torch_is_refused_with_the_way_to_load_it(tmp_path, suffix):
+    legacy = _model()
+    path = tmp_path / f"legacy{suffix}"
+    state = {key: value.contiguous() for key, value in legacy.state_dict().items()}
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        from xnorm.checkpoint_files import write_safetensors
+
+        write_safetensors({key: value.numpy() for key, value in state.items()}, path)
+    target = _model()
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    with pytest.raises(ConversionError, match=r"is a torch checkpoint \(\w+\) and to='torch'.* between frameworks"):
+        xnorm.convert(path, to="torch", like=target, load=True)
+    assert all(torch.equal(value, before[key]) for key, value in target.state_dict().items())
+    # the way the message gives: torch loads its own key styles into the wrapped model
+    assert not target.load_state_dict(state, strict=True).missing_keys
