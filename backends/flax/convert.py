@@ -64,7 +64,7 @@ from xnorm.porting import (
     output_leaves,
     pick_entry,
 )
-from xnorm.spec import LayerKind, SpectralNorm
+from xnorm.spec import REPARAMETRIZATIONS, LayerKind
 
 from . import NNXLayerCopy, NNXWeightNorm
 
@@ -87,8 +87,10 @@ _SKIPPED_VARIABLES = (nnx.RngState, nnx.Intermediate, nnx.Cache)
 #: The linen collection of batch statistics; every other converted variable is in ``params``.
 _BATCH_STATS = "batch_stats"
 _BATCH_STAT_NAMES = ("mean", "var")
-#: Names ending so may be spectral norm's state (``kernel_u``, ``kernel_v``), which linen keeps in batch_stats.
-_SPECTRAL_STATE_SUFFIXES = tuple(SpectralNorm.suffixes[entry] for entry in SpectralNorm.state)
+#: Names ending so may be a reparametrization's state (spectral norm's ``kernel_u``, ``kernel_v``; the orthogonal
+#: ``kernel_base``), which linen keeps in batch_stats.
+_STATE_SUFFIXES = tuple(dict.fromkeys(spec.suffixes[entry] for spec in REPARAMETRIZATIONS.values()
+                                      for entry in spec.state))
 SEPARATOR = "/"
 
 _NNX_KINDS: Tuple[Tuple[type, str], ...] = (
@@ -410,8 +412,9 @@ def candidate_keys(info: LayerInfo, name: str) -> List[str]:
     """
     if info.kind == BATCHNORM and name in _BATCH_STAT_NAMES:
         collections = [_BATCH_STATS]
-    elif name.endswith(_SPECTRAL_STATE_SUFFIXES):
-        # spectral norm's u and v are batch_stats, weight norm's v a param: a layer has one or the other
+    elif name.endswith(_STATE_SUFFIXES):
+        # spectral norm's u and v and the orthogonal base are batch_stats, weight norm's v a param: a layer has
+        # one or the other
         collections = ["params", _BATCH_STATS]
     else:
         collections = ["params"]

@@ -1047,3 +1047,68 @@ def test_tied_weights_convert_both_ways():
     for key, tensor in source.state_dict().items():
         assert torch.equal(state[key], tensor), key
     assert back.b.weight is back.a.weight
+
+
+# -- the orthogonal parametrization ----------------------------------------------------------------
+
+
+def _moved_orthogonal(module: tnn.Module) -> tnn.Module:
+    """torch's orthogonal (xnorm's torch backend) with ``original`` moved off -I, so the map is not the identity."""
+    torch.manual_seed(0)
+    wrapped = xnorm.orthogonal(module)
+    with torch.no_grad():
+        original = wrapped.parametrizations.weight.original
+        original.add_(0.3 * torch.randn_like(original))
+    return wrapped
+
+
+@pytest.mark.parametrize("layers", ["linear", "conv2d"])
+def test_orthogonal_original_and_base_convert_to_nnx_and_back(layers):
+    """``original`` takes the kernel's layout; ``base`` stays in torch's layout (an NNX BatchStat)."""
+    if layers == "linear":
+        source = _moved_orthogonal(tnn.Linear(3, 6))
+        model = xnorm.orthogonal(nnx.Linear(3, 6, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+        x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    else:
+        source = _moved_orthogonal(tnn.Conv2d(2, 3, 3))
+        model = xnorm.orthogonal(nnx.Conv(2, 3, (3, 3), padding="VALID", rngs=nnx.Rngs(0)))
+        x = np.random.default_rng(0).standard_normal((2, 2, 7, 7)).astype(np.float32)
+    xnorm.convert(source.state_dict(), to="flax", like=model, load=True)
+    np.testing.assert_array_equal(np.asarray(model.kernel_base.get_value()),
+                                  source.parametrizations.weight[0].base.numpy())
+    assert xnorm.compare(source, model, x, channels_last=layers == "conv2d").ok
+    back = xnorm.convert(model, to="torch", like=source)
+    for key, value in source.state_dict().items():
+        assert torch.equal(back[key], value), key
+
+
+class _TorchOrthogonalConv1d(tnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = _moved_orthogonal(tnn.Conv1d(3, 2, 4))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _LinenOrthogonalConv1d(nn.Module):
+    def setup(self):
+        self.conv = xnorm.orthogonal(nn.Conv(2, (4,), padding="VALID"))
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+def test_orthogonal_converts_to_linen_variables_with_base_in_batch_stats_and_back():
+    source = _TorchOrthogonalConv1d()
+    net = _LinenOrthogonalConv1d()
+    x = np.random.default_rng(1).standard_normal((2, 9, 3)).astype(np.float32)
+    variables = net.init(jax.random.key(0), x)
+    converted = xnorm.convert(source.state_dict(), to="flax", like=variables)
+    np.testing.assert_array_equal(np.asarray(converted["batch_stats"]["conv"]["kernel_base"]),
+                                  source.conv.parametrizations.weight[0].base.numpy())
+    expected = source(torch.from_numpy(x.transpose(0, 2, 1))).detach().numpy().transpose(0, 2, 1)
+    np.testing.assert_allclose(np.asarray(net.apply(converted, x)), expected, rtol=1.3e-6, atol=1e-5)
+    back = xnorm.convert(converted, to="torch", like=_TorchOrthogonalConv1d())
+    for key, value in source.state_dict().items():
+        assert torch.equal(back[key], value), key
