@@ -130,7 +130,7 @@ def orthogonal(
     """``xnorm.wrap(layer, xnorm.Orthogonal(orthogonal_map, use_trivialization), ...)``, named and ordered as
     torch's ``parametrizations.orthogonal``: the weight (every matrix of its last two axes) stays
     orthogonal (see :class:`xnorm.Orthogonal`; wrapping replaces a weight that is not orthogonal by its
-    QR's Q). Implemented by the torch backend so far."""
+    QR's Q). Implemented by the torch, MindSpore and Flax (linen and NNX) backends."""
     spec = Orthogonal(orthogonal_map=orthogonal_map, use_trivialization=use_trivialization)
     return wrap(layer, spec, backend, name=name, **options)
 

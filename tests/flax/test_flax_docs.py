@@ -34,3 +34,20 @@ def test_short_snippets_run_after_the_quickstart(index):
         wrapped_variables=namespace["variables"],
     )
     exec(compile(blocks[index], f"{DOC}:snippet{index}", "exec"), namespace)  # noqa: S102
+
+
+def test_readme_orthogonal_example_runs(capsys):
+    readme = DOC.parents[1] / "README.md"
+    section = readme.read_text().split("## Orthogonal parametrization", 1)[1].split("\n## ", 1)[0]
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "flax" in code]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], f"{readme}:orthogonal", "exec"), namespace)  # noqa: S102
+    assert capsys.readouterr().out.split() == ["True"]
+    import numpy as np
+    from flax import nnx
+
+    plain, w = namespace["plain"], namespace["w"]
+    assert type(plain) is nnx.Linear
+    np.testing.assert_array_equal(np.asarray(plain.kernel.get_value()), w)
+    np.testing.assert_allclose(w.T @ w, np.eye(8), atol=1e-5)
