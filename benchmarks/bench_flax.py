@@ -17,6 +17,9 @@ Tasks and variants:
   the callable blocks on the new parameters (``block_until_ready``). Variants ``plain``, ``xnorm``,
   ``xnorm-fused`` and the group's native weight norm (``native:linen.WeightNorm`` or
   ``native:nnx.WeightNorm``).
+* ``train`` of the orthogonal parametrization (groups ``<api>/<platform>/orth-<map>``,
+  ``harness.ORTHOGONAL_SIZES``): ``plain`` and ``xnorm`` (``xnorm.orthogonal(layer, map)``); Flax has no
+  orthogonal parametrization of its own.
 * ``inference``: one jitted forward (NNX in eval mode), blocking on the output. Variants ``plain``,
   ``removed`` (``xnorm.remove`` of the wrapped layer), ``xnorm``, ``xnorm-fused`` and the native.
 
@@ -102,12 +105,14 @@ def _loss(y):
 # ------------------------------------------------------------------------------------------------
 # linen
 # ------------------------------------------------------------------------------------------------
-def _linen_train(module: nn.Module, params, x) -> Callable[[], object]:
+def _linen_train(module: nn.Module, params, x, state=None) -> Callable[[], object]:
+    """``state``: the other collections the module reads and never writes (the orthogonal ``batch_stats``)."""
     tx = optax.sgd(LEARNING_RATE)
+    state = dict(state or {})
 
     @jax.jit
     def step(params, opt_state, x):
-        grads = jax.grad(lambda p: _loss(module.apply({"params": p}, x)))(params)
+        grads = jax.grad(lambda p: _loss(module.apply({"params": p, **state}, x)))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -213,6 +218,24 @@ def nnx_candidates(size: str, task: str, quick: bool) -> Tuple[Dict[str, Callabl
     }, notes
 
 
+def orthogonal_candidates(api: str, features: int, orthogonal_map: str) -> Dict[str, Callable[[], object]]:
+    """Training steps of a square Dense/Linear, plain and with xnorm's orthogonal (Flax has none of its own);
+    square, so registration draws nothing; linen's kernel_base rides along in batch_stats, read-only."""
+    x = jax.random.normal(jax.random.key(1), (64, features), jnp.float32)
+    if api == "linen":
+        layer = nn.Dense(features)
+        variables = layer.init(jax.random.key(0), x)
+        wrapped, wrapped_vars = xnorm.orthogonal(layer, orthogonal_map, variables=variables)
+        return {
+            "plain": _linen_train(layer, variables["params"], x),
+            "xnorm": _linen_train(wrapped, wrapped_vars["params"], x, {"batch_stats": wrapped_vars["batch_stats"]}),
+        }
+    return {
+        "plain": _nnx_train(nnx.Linear(features, features, rngs=nnx.Rngs(0)), x),
+        "xnorm": _nnx_train(xnorm.orthogonal(nnx.Linear(features, features, rngs=nnx.Rngs(0)), orthogonal_map), x),
+    }
+
+
 # ------------------------------------------------------------------------------------------------
 # running and reporting
 # ------------------------------------------------------------------------------------------------
@@ -267,6 +290,8 @@ def print_table(rows: List[harness.Measurement]) -> None:
     print("\nmedian ratios (per repetition, then median): variant / plain and variant / native")
     print(f"{'group':10s} {'size':14s} {'task':9s} {'variant':24s} {'ms':>10s} {'/plain':>7s} {'/native':>8s}")
     for (group, size, task), variants in by_key.items():
+        if harness.is_orthogonal_group(group):
+            continue
         plain = variants["plain"].per_call_ms
         native = next((row.per_call_ms for name, row in variants.items() if name.startswith("native:")), None)
         for name, row in variants.items():
@@ -284,6 +309,13 @@ def main(argv: List[str] | None = None) -> int:
 
     np.random.seed(0)
     rows = run(sizes, args.repeats, args.quick)
+    note = f"jax.jit step; optax.sgd lr={LEARNING_RATE:g}; loss mean(y**2)"
+    for platform in platforms():
+        with jax.default_device(jax.devices(platform)[0]):
+            for api in ("linen", "nnx"):
+                rows += harness.orthogonal_rows(
+                    args, f"{api}/{platform}", lambda features, orthogonal_map, api=api: orthogonal_candidates(
+                        api, features, orthogonal_map), note)
     machine = harness.machine_info(
         jax=jax.__version__,
         flax=_version("flax"),
@@ -293,6 +325,7 @@ def main(argv: List[str] | None = None) -> int:
     )
     path = harness.save("flax", rows, machine, args.results_dir)
     print_table(rows)
+    harness.print_orthogonal_table(rows)
     print(f"\nsaved {path}")
     return 0
 
