@@ -60,7 +60,7 @@ from xnorm.errors import MissingParameterError, OptionError
 from xnorm.spec import Orthogonal
 
 from . import NNXLayerCopy, _replace_entry, _same_mapping_type, linen_initial_params, storage_layout
-from .spectral import STATE_COLLECTION, _work_dtype, draw_key
+from .spectral import STATE_COLLECTION, _work_dtype, draw_key, plain_linen_variables
 
 __all__ = [
     "LinenOrthogonal",
@@ -361,17 +361,7 @@ def remove_linen(module: LinenOrthogonal, variables: Any) -> Tuple[nn.Module, An
     from ``batch_stats`` (the collection with it when nothing else is left); other collections kept."""
     w = linen_orthogonal_weight(module, variables)
     original, base_name = _names(module._spec(), module.param_name)
-    out: Dict[str, Any] = {}
-    for collection, values in variables.items():
-        if collection == "params":
-            out["params"] = _same_mapping_type(values, _replace_entry(values, original, {module.param_name: w}))
-        elif collection == STATE_COLLECTION:
-            rest = {key: value for key, value in values.items() if key != base_name}
-            if rest:
-                out[collection] = _same_mapping_type(values, rest)
-        else:
-            out[collection] = values
-    return module.layer.clone(), _same_mapping_type(variables, out)
+    return plain_linen_variables(module, variables, w, original, (base_name,))
 
 
 # ------------------------------------------------------------------------------------------------

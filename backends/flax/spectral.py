@@ -71,6 +71,7 @@ __all__ = [
     "initial_state",
     "draw_key",
     "linen_spectral_weight",
+    "plain_linen_variables",
 ]
 
 #: The linen collection holding u and v (Flax's own SpectralNorm and BatchNorm keep their state there).
@@ -331,16 +332,25 @@ def remove_linen(module: LinenSpectralNorm, variables: Any, update_stats: bool) 
     """``(plain layer, plain variables)``: ``<name>_orig`` replaced by ``w`` under ``name`` (after
     ``n_power_iterations`` iterations when ``update_stats``), u and v dropped from ``batch_stats`` (and
     the collection with them when nothing else is left in it); other collections are kept."""
-    w, _, _, params, stats = _linen_use(module, variables, update_stats)
+    w = _linen_use(module, variables, update_stats)[0]
     original, u_name, v_name = _state_names(module._spec(), module.param_name)
+    return plain_linen_variables(module, variables, w, original, (u_name, v_name))
+
+
+def plain_linen_variables(module: nn.Module, variables: Any, w, original: str,
+                          state_names: Tuple[str, ...]) -> Tuple[nn.Module, Any]:
+    """What removing a linen wrapper of any reparametrization with ``<name>_orig`` gives: ``(a clone of the
+    plain layer, its variables)``, ``original`` replaced by ``w`` under the wrapper's ``param_name``, the
+    ``state_names`` dropped from ``batch_stats`` (and the collection with them when nothing else is left
+    in it); other collections kept, every mapping of the type it had."""
     out: Dict[str, Any] = {}
     for collection, values in variables.items():
         if collection == "params":
-            out["params"] = _same_mapping_type(params, _replace_entry(params, original, {module.param_name: w}))
+            out["params"] = _same_mapping_type(values, _replace_entry(values, original, {module.param_name: w}))
         elif collection == STATE_COLLECTION:
-            rest = {key: value for key, value in stats.items() if key not in (u_name, v_name)}
+            rest = {key: value for key, value in values.items() if key not in state_names}
             if rest:
-                out[collection] = _same_mapping_type(stats, rest)
+                out[collection] = _same_mapping_type(values, rest)
         else:
             out[collection] = values
     return module.layer.clone(), _same_mapping_type(variables, out)
