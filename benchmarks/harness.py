@@ -61,8 +61,10 @@ ORTHOGONAL_SIZES = {
     "linear-1024": "Linear 1024->1024, batch 64 (orthogonal)",
 }
 ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
-#: Default repetitions and warm-up calls per orthogonal size (a 1024 matrix_exp step takes about a second).
-ORTHOGONAL_REPEATS = {"linear-256": 11, "linear-1024": 5}
+#: Default repetitions and warm-up calls per orthogonal size. One call per repetition: interleave calibrates
+#: the calls on the first candidate (plain, a fraction of a millisecond), and a householder step of torch at
+#: 1024 takes seconds, so calibrated repetitions would last minutes.
+ORTHOGONAL_REPEATS = {"linear-256": 15, "linear-1024": 5}
 ORTHOGONAL_WARMUP = {"linear-256": 2, "linear-1024": 1}
 
 
@@ -84,13 +86,12 @@ def orthogonal_rows(args, group: str, candidates_for: Callable[[int, str], Mappi
     for size in args.orthogonal_sizes:
         started = time.perf_counter()
         if args.quick:
-            repeats, warmup, min_rep_seconds = args.repeats or 2, 1, 0.0
+            repeats, warmup = args.repeats or 2, 1
         else:
             repeats, warmup = args.repeats or ORTHOGONAL_REPEATS[size], ORTHOGONAL_WARMUP[size]
-            min_rep_seconds = 0.1
         for orthogonal_map in ORTHOGONAL_MAPS:
             candidates = candidates_for(int(size.split("-")[1]), orthogonal_map)
-            times = interleave(candidates, repeats=repeats, warmup=warmup, min_rep_seconds=min_rep_seconds, sync=sync)
+            times = interleave(candidates, repeats=repeats, warmup=warmup, min_rep_seconds=0.0, sync=sync)
             rows += [Measurement(orthogonal_group(group, orthogonal_map), size, "train", variant, times[variant],
                                  note=note) for variant in candidates]
         print(f"{group} orthogonal {size}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
