@@ -3,9 +3,10 @@
 ``import xnorm`` imports no framework; a backend is imported when it is first used.
 """
 
-from . import reference, reference_spectral, spec
-from .api import is_wrapped, orthogonal, remove, spectral_norm, weight_norm, wrap
+from . import batchnorm, reference, reference_spectral, spec
+from .api import freeze, is_frozen, is_wrapped, orthogonal, remove, spectral_norm, unfreeze, weight_norm, wrap
 from .errors import (
+    AlreadyFrozenError,
     AlreadyWrappedError,
     BackendDetectionError,
     BackendNotInstalledError,
@@ -14,6 +15,7 @@ from .errors import (
     DimError,
     MissingParameterError,
     NonFloatingParameterError,
+    NotFrozenError,
     NotWrappedError,
     OptionError,
     UnknownBackendError,
@@ -33,6 +35,9 @@ __all__ = [
     "orthogonal",
     "remove",
     "is_wrapped",
+    "freeze",
+    "unfreeze",
+    "is_frozen",
     "backends",
     "register_backend",
     "BackendInfo",
@@ -40,6 +45,7 @@ __all__ = [
     "WeightNorm",
     "SpectralNorm",
     "Orthogonal",
+    "batchnorm",
     "reference",
     "reference_spectral",
     "spec",
@@ -53,6 +59,8 @@ __all__ = [
     "DimError",
     "AlreadyWrappedError",
     "NotWrappedError",
+    "AlreadyFrozenError",
+    "NotFrozenError",
     "OptionError",
     "ConversionError",
     "CheckpointFileError",

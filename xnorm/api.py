@@ -1,14 +1,16 @@
-"""The public entry points: :func:`wrap` and its shorthands, :func:`remove`, :func:`is_wrapped`."""
+"""The public entry points: :func:`wrap` and its shorthands, :func:`remove`, :func:`is_wrapped`, and
+:func:`freeze`, :func:`unfreeze`, :func:`is_frozen` for normalization layers' running statistics."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from . import registry
 from .errors import NotWrappedError, OptionError
 from .spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm
 
-__all__ = ["wrap", "weight_norm", "spectral_norm", "remove", "is_wrapped"]
+__all__ = ["wrap", "weight_norm", "spectral_norm", "remove", "is_wrapped", "freeze", "unfreeze", "is_frozen"]
 
 
 _UNSET: Any = object()
@@ -169,3 +171,96 @@ def _not_wrapped(obj: Any, hint: str = "") -> NotWrappedError:
         "nothing to remove. Check that you pass the object xnorm.wrap returned (or the model holding it)"
         + (f"; {hint}." if hint else ".")
     )
+
+
+def freeze(model_or_layer: Any, *, affine: bool = True, layers: Any = None, backend: Optional[str] = None) -> Any:
+    """Freeze the normalization layers' running statistics, so that they survive ``model.train()``.
+
+    Every normalization layer with running statistics in ``model_or_layer`` (torch: BatchNorm1d/2d/3d,
+    SyncBatchNorm, a materialized Lazy BatchNorm, an InstanceNorm with ``track_running_stats=True``),
+    or those ``layers`` selects, normalizes with its stored running mean and variance in every mode
+    (the eval-mode formula, :func:`xnorm.batchnorm.eval_batchnorm`) and never updates them, through
+    ``train()``, ``copy.deepcopy``, ``torch.compile`` and ``state_dict`` round trips. Checkpoint keys
+    and values are unchanged (``num_batches_tracked`` included), so a frozen model loads a normal
+    checkpoint and the other way round with ``strict=True``. Layers frozen by their class (torchvision's
+    ``FrozenBatchNorm2d``) are left alone. See docs/freeze.md.
+
+    Args:
+        model_or_layer: a model or one normalization layer (torch so far; MindSpore and Flax raise
+            UnsupportedLayerError).
+        affine: also stop training the layers' scale and shift (``requires_grad=False`` in torch).
+            An optimizer built before ``freeze`` still holds them: docs/freeze.md says what it does.
+        layers: ``None`` (every normalization layer with running statistics), a type or a tuple of
+            types (``(torch.nn.BatchNorm2d,)``), a regular expression (a string or compiled pattern)
+            searched in each layer's qualified name (``"^backbone[.]"``), or a predicate
+            ``(name, layer) -> bool``. Layers already frozen among those selected are skipped.
+        backend: ``"torch"``, ``"mindspore"`` or ``"flax"``; ``None`` detects it from the object's type.
+
+    Returns:
+        ``model_or_layer``, frozen in place.
+
+    Raises:
+        UnsupportedLayerError: nothing to freeze (no normalization layer with running statistics), a
+            selected layer without running statistics (LayerNorm, GroupNorm, a BatchNorm with
+            ``track_running_stats=False``), a Lazy layer not yet materialized.
+        AlreadyFrozenError: every selected layer is frozen already.
+        OptionError: ``affine`` is not a bool, ``layers`` is none of the forms above, an invalid
+            pattern, a type that is not a normalization layer, or it selects no layer.
+        BackendDetectionError, UnknownBackendError, BackendNotInstalledError.
+        Nothing is changed when any of them is raised.
+    """
+    if not isinstance(affine, bool):
+        raise OptionError(f"affine must be True or False, got {affine!r} of type {type(affine).__name__}.")
+    layers = _layer_selector(layers)
+    return registry.resolve_backend(model_or_layer, backend).freeze(model_or_layer, affine=affine, layers=layers)
+
+
+def unfreeze(obj: Any, *, backend: Optional[str] = None) -> Any:
+    """Undo :func:`freeze` on every layer of ``obj`` it froze, in place, and return ``obj``.
+
+    Each layer gets back the behaviour it would have had without ``freeze``: its mode is the one the
+    last ``train()``/``eval()`` asked for while it was frozen (the mode it had before ``freeze`` if
+    none did), its scale and shift are as trainable as before ``freeze``, its momentum is untouched
+    (``freeze`` never changes it), and its running statistics update again in training mode.
+
+    Raises:
+        NotFrozenError: nothing in ``obj`` was frozen by ``xnorm.freeze`` (a layer frozen by its class,
+            such as torchvision's ``FrozenBatchNorm2d``, is not undone). Nothing is changed.
+    """
+    return registry.resolve_backend(obj, backend).unfreeze(obj)
+
+
+def is_frozen(obj: Any) -> bool:
+    """True when ``obj`` or any layer inside it is frozen (by :func:`freeze`, or by its class, such as
+    torchvision's ``FrozenBatchNorm2d``); False for anything else, of any type."""
+    for backend in registry._loaded_backends():
+        if backend.owns(obj):
+            return bool(backend.is_frozen(obj))
+    return False
+
+
+def _layer_selector(layers: Any) -> Any:
+    """``layers=`` checked and put in one of four forms: None, a tuple of types, a compiled pattern, a
+    callable; an OptionError naming the accepted forms otherwise."""
+    forms = (
+        "layers= takes None (every normalization layer with running statistics), a type or a tuple of types, "
+        "a regular expression searched in each layer's qualified name, or a predicate (name, layer) -> bool"
+    )
+    if layers is None or isinstance(layers, re.Pattern):
+        return layers
+    if isinstance(layers, type):
+        return (layers,)
+    if isinstance(layers, (tuple, list)):
+        if not layers or not all(isinstance(kind, type) for kind in layers):
+            raise OptionError(f"{forms}; got {layers!r}. A tuple must hold layer classes, at least one.")
+        return tuple(layers)
+    if isinstance(layers, str):
+        try:
+            return re.compile(layers)
+        except re.error as error:
+            raise OptionError(
+                f"layers={layers!r} is not a valid regular expression ({error}). Fix the pattern."
+            ) from None
+    if callable(layers):
+        return layers
+    raise OptionError(f"{forms}; got {layers!r} of type {type(layers).__name__}.")

@@ -20,6 +20,8 @@ __all__ = [
     "DimError",
     "AlreadyWrappedError",
     "NotWrappedError",
+    "AlreadyFrozenError",
+    "NotFrozenError",
     "OptionError",
     "ConversionError",
     "CheckpointFileError",
@@ -64,6 +66,15 @@ class AlreadyWrappedError(XnormError, ValueError):
 
 class NotWrappedError(XnormError, ValueError):
     """``remove`` was given an object with no xnorm-wrapped layer in it."""
+
+
+class AlreadyFrozenError(XnormError, ValueError):
+    """``freeze`` was given layers that are all frozen already (by xnorm, or by their class, such as
+    torchvision's ``FrozenBatchNorm2d``)."""
+
+
+class NotFrozenError(XnormError, ValueError):
+    """``unfreeze`` was given an object with no layer frozen by ``xnorm.freeze`` in it."""
 
 
 class OptionError(XnormError, ValueError):

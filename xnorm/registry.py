@@ -52,6 +52,37 @@ class Backend:
     def is_wrapped(self, obj: Any) -> bool:
         raise NotImplementedError
 
+    def freeze(self, obj: Any, *, affine: bool, layers: Any) -> Any:
+        """Freeze the normalization layers with running statistics in ``obj`` (the object itself or any
+        layer inside it), in place, and return ``obj``.
+
+        A frozen layer normalizes with its stored running statistics whatever the mode (``train()``,
+        ``set_train()``, NNX ``.train()``), never updates them, and keeps the checkpoint keys and
+        values it had. ``affine=True`` also stops training its scale and shift (``requires_grad=False``
+        or the framework's equivalent). ``layers`` is ``None`` (every such layer), a tuple of layer
+        types, a regular expression searched in the layer's qualified name, or a predicate
+        ``(name, layer) -> bool``; :func:`xnorm.api.freeze` has checked only that it is one of these.
+
+        Raises, before changing anything: UnsupportedLayerError (nothing to freeze in ``obj``, a
+        selected normalization layer without running statistics, a backend that has no freeze yet),
+        AlreadyFrozenError (every selected layer is frozen already), OptionError (``layers`` selects
+        nothing or names a type that is not a normalization layer).
+        """
+        raise NotImplementedError
+
+    def unfreeze(self, obj: Any) -> Any:
+        """Undo ``freeze`` on every layer of ``obj`` it froze: the mode, momentum and trainability of the
+        scale and shift are what they would have been without ``freeze``. In place; returns ``obj``.
+
+        Raises NotFrozenError, before changing anything, when nothing in ``obj`` was frozen by xnorm.
+        """
+        raise NotImplementedError
+
+    def is_frozen(self, obj: Any) -> bool:
+        """True when ``obj`` or any layer inside it is frozen (by ``freeze`` or by its class, such as
+        torchvision's ``FrozenBatchNorm2d``)."""
+        raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:

@@ -12,6 +12,7 @@ from xnorm import registry
 def test_import_xnorm_imports_no_framework():
     code = (
         "import sys, xnorm, xnorm.reference, xnorm.spec; xnorm.backends(); xnorm.is_wrapped(object()); "
+        "xnorm.is_frozen(object()); xnorm.batchnorm.equivalent_batchnorm_settings('torch', 'flax', 0.1, 1e-5); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'mindspore', 'jax', 'jaxlib', 'flax', 'optax')))"
     )
@@ -63,6 +64,10 @@ def test_an_object_no_backend_owns_is_a_detection_error():
     with pytest.raises(xnorm.BackendDetectionError):
         xnorm.remove(layer)
     assert xnorm.is_wrapped(layer) is False
+    for call in (xnorm.freeze, xnorm.unfreeze):
+        with pytest.raises(xnorm.BackendDetectionError):
+            call(layer)
+    assert xnorm.is_frozen(layer) is False
 
 
 def test_negative_eps_is_rejected_before_any_backend_is_touched():
@@ -73,3 +78,9 @@ def test_negative_eps_is_rejected_before_any_backend_is_touched():
 def test_every_error_is_an_xnorm_error():
     for name in xnorm.errors.__all__:
         assert issubclass(getattr(xnorm, name), xnorm.XnormError)
+
+
+@pytest.mark.parametrize("layers", [42, "(", (), ("bn",), [1.0]])
+def test_bad_layers_values_are_refused_before_any_backend_is_touched(layers):
+    with pytest.raises(xnorm.OptionError, match="layers="):
+        xnorm.freeze(object(), layers=layers)
