@@ -23,6 +23,9 @@ the algebra allows: see :mod:`xnorm._backends.torch.fused` and docs/torch.md.
 ``xnorm.remove`` calls ``parametrize.remove_parametrizations(..., leave_parametrized=True)``: the
 module gets its original class back and a plain ``Parameter`` under ``<name>`` holding w, ready for
 ``torch.jit.script``.
+
+``xnorm.freeze`` / ``unfreeze`` / ``is_frozen`` (normalization layers' running statistics) are
+:mod:`xnorm._backends.torch.freeze`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from xnorm.errors import (
 )
 from xnorm.spec import LayerKind, Orthogonal, Reparametrization, SpectralNorm, WeightNorm, check_floating
 
+from . import freeze as _freeze
 from .orthogonal import OrthogonalParametrization
 from .spectral import SpectralNormParametrization, legacy_spectral_keys_hook
 
@@ -226,3 +230,15 @@ class TorchBackend(registry.Backend):
             parametrize.remove_parametrizations(module, name, leave_parametrized=True)
             module._load_state_dict_pre_hooks.pop(hook_id, None)
         return obj
+
+    # -- freeze ---------------------------------------------------------------------------------
+    def freeze(self, obj: Any, *, affine: bool, layers: Any) -> nn.Module:
+        """See :func:`xnorm.freeze` and :mod:`xnorm._backends.torch.freeze` (how it survives ``train()``,
+        deepcopy and ``torch.compile``)."""
+        return _freeze.freeze(obj, affine=affine, layers=layers)
+
+    def unfreeze(self, obj: Any) -> nn.Module:
+        return _freeze.unfreeze(obj)
+
+    def is_frozen(self, obj: Any) -> bool:
+        return _freeze.is_frozen(obj)
