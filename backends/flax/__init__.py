@@ -444,6 +444,20 @@ class FlaxBackend(Backend):
     def is_wrapped(self, obj: Any) -> bool:
         return isinstance(obj, _xnorm_wrappers())
 
+    def freeze(self, obj: Any, *, affine: bool, layers: Any) -> Any:
+        raise UnsupportedLayerError(
+            "xnorm.freeze exists for torch so far, not yet for Flax (issue 17); nothing was changed. Meanwhile call "
+            "linen BatchNorm with use_running_average=True, or use nnx.view(model, use_running_average=True)."
+        )
+
+    def unfreeze(self, obj: Any) -> Any:
+        raise UnsupportedLayerError(
+            "xnorm.unfreeze (like xnorm.freeze) exists for torch so far, not yet for Flax; nothing was changed."
+        )
+
+    def is_frozen(self, obj: Any) -> bool:
+        return False  # this backend cannot freeze anything yet
+
     # -- wrap -----------------------------------------------------------------------------------
     def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str] = None, **options: Any) -> Any:
         if not isinstance(spec, (WeightNorm, SpectralNorm, Orthogonal)):

@@ -448,6 +448,20 @@ class MindSporeBackend(Backend):
         spectral norm); a model containing one is not itself wrapped."""
         return isinstance(obj, ReparametrizedCell)
 
+    def freeze(self, obj: Any, *, affine: bool, layers: Any) -> Any:
+        raise UnsupportedLayerError(
+            "xnorm.freeze exists for torch so far, not yet for MindSpore (issue 17); nothing was changed. Meanwhile "
+            "build the BatchNorm cells with use_batch_statistics=False, before any graph is compiled."
+        )
+
+    def unfreeze(self, obj: Any) -> Any:
+        raise UnsupportedLayerError(
+            "xnorm.unfreeze (like xnorm.freeze) exists for torch so far, not yet for MindSpore; nothing was changed."
+        )
+
+    def is_frozen(self, obj: Any) -> bool:
+        return False  # this backend cannot freeze anything yet
+
     # -- wrap ----------------------------------------------------------------------------------------
     def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str], **options: Any) -> ReparametrizedCell:
         """Return a :class:`WeightNormCell` or a :class:`~xnorm._backends.mindspore.spectral.SpectralNormCell`
