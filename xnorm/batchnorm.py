@@ -147,8 +147,8 @@ def equivalent_batchnorm_settings(framework_from: str, framework_to: str, moment
     everywhere (added to the variance under the square root). torch's default ``0.1`` is MindSpore's
     ``0.9`` and Flax's ``0.99`` is torch's ``0.01``.
 
-    The running *variance* cannot be matched by a setting: torch and MindSpore update it with the
-    unbiased batch variance, Flax with the biased one, so after training steps in the target a port
+    The running *variance* cannot be matched by a setting: torch (and MindSpore, measured on CPU only)
+    update it with the unbiased batch variance, Flax with the biased one, so after training steps a port
     from torch to Flax (or back) keeps a running variance that differs by ``n / (n - 1)`` on each batch
     term. Eval-mode outputs from the same stored statistics are identical; frozen layers
     (:func:`xnorm.freeze`) never see the difference.

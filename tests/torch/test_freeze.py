@@ -514,3 +514,14 @@ def test_not_a_module():
     with pytest.raises(BackendDetectionError):
         xnorm.freeze([1.0], backend="torch")
     assert xnorm.is_frozen(object()) is False
+
+
+def test_the_docs_examples_run():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "freeze.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2
+    for number, code in enumerate(blocks):
+        exec(compile(code, f"docs/freeze.md (python block {number})", "exec"), {})
