@@ -30,6 +30,7 @@ import numpy as np
 from xnorm.spec import Reparametrization
 
 from .cases import LayerCase
+from .fine_tuning import FineTuningRun
 
 __all__ = ["Adapter"]
 
@@ -120,3 +121,15 @@ class Adapter(abc.ABC):
         """Save ``handle``'s state the framework's usual way (state_dict, checkpoint, serialized
         variables), load it into ``fresh`` (a wrapped layer of the same case with other values) and
         return the loaded handle."""
+
+    # -- the fine-tuning case (xnorm.freeze) ------------------------------------------------------------
+    #: The BatchNorm convention (a key of :data:`xnorm.batchnorm.CONVENTIONS`) the fine-tuning reference
+    #: uses for this adapter; None: ``backend``'s.
+    batchnorm_convention: Optional[str] = None
+
+    def fine_tune(self, run: FineTuningRun) -> List[Dict[str, np.ndarray]]:
+        """Run the fine-tuning script of :mod:`xnorm.conformance.fine_tuning` (its docstring has the model
+        and the steps) on ``run``'s data and return its ``FROZEN_STEPS + 2`` records: each a dict of every
+        key of ``RECORD_KEYS``, canonical layout (NCHW outputs). Needed by adapters that list ``"freeze"``
+        in :attr:`reparametrizations`."""
+        raise NotImplementedError(f"{type(self).__name__} does not run the fine-tuning case")

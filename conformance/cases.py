@@ -184,8 +184,9 @@ def orthogonal_variants(layer: LayerCase) -> Tuple[Orthogonal, ...]:
     return tuple(Orthogonal(orthogonal_map=m, use_trivialization=t) for m in ORTHOGONAL_MAPS for t in (True, False))
 
 
-#: The reparametrizations the catalogue holds cases for, by ``kind``.
-CATALOGUE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm", "orthogonal")
+#: The reparametrizations the catalogue holds cases for, by ``kind``, and ``"freeze"``: the fine-tuning
+#: case of ``xnorm.freeze`` (:mod:`xnorm.conformance.fine_tuning`), reported beside them.
+CATALOGUE_REPARAMETRIZATIONS = ("weight_norm", "spectral_norm", "orthogonal", "freeze")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +277,9 @@ def catalogue(
     devices: Iterable[str] = ("cpu",),
     reparametrizations: Iterable[str] = CATALOGUE_REPARAMETRIZATIONS,
 ) -> List[Case]:
-    """Every case for the given dtypes, devices and reparametrization kinds, in a stable order."""
-    kinds = tuple(reparametrizations)
+    """Every case for the given dtypes, devices and reparametrization kinds, in a stable order (each
+    dtype's fine-tuning case after its layer cases)."""
+    kinds, dtypes, devices = tuple(reparametrizations), tuple(dtypes), tuple(devices)
     cases = []
     for device in devices:
         for dtype in dtypes:
@@ -292,4 +294,8 @@ def catalogue(
                 for layer in ORTHOGONAL_LAYERS:
                     for spec in orthogonal_variants(layer):
                         cases.append(Case(layer, None, dtype, device, spec))
+            if "freeze" in kinds:
+                from .fine_tuning import fine_tuning_cases  # it builds on this module
+
+                cases += fine_tuning_cases((dtype,), (device,))
     return cases

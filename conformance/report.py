@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .cases import CATALOGUE_DTYPES, CATALOGUE_REPARAMETRIZATIONS
+from .fine_tuning import SAVED_QUANTITY
 from .runner import CHECKS, FAILED, NOT_RUN, PASSED, STATES, XFAIL
 from .tolerances import TOLERANCE_VERSION, compare, cross_tolerance
 
@@ -52,6 +53,7 @@ ARRAY_QUANTITY = {
     "trained_v": "training",
     "trained_bias": "training",
     "removed_forward": "forward",
+    **SAVED_QUANTITY,
 }
 
 #: Reports list torch (the framework everyone ports from) first, then MindSpore, Flax, third parties.

@@ -60,6 +60,7 @@ from xnorm.reference import round_to_dtype
 from . import layers
 from .adapter import Adapter
 from .cases import CATALOGUE_DTYPES, CATALOGUE_REPARAMETRIZATIONS, Case, catalogue
+from .fine_tuning import FINE_TUNING_CHECKS
 from .oracles import Oracle, oracle_for
 from .tolerances import TOLERANCE_VERSION, compare, tolerance
 
@@ -94,6 +95,7 @@ CHECK_QUANTITY = {
     "training": "training",
     "state": "exact",
     "remove": "forward",
+    **FINE_TUNING_CHECKS,
 }
 CHECKS = tuple(CHECK_QUANTITY)
 
@@ -241,7 +243,9 @@ class CaseResult:
 
 
 def _fresh_checks(case: Case) -> Dict[str, CheckResult]:
-    names = oracle_for(case).checks
+    # a case with a life cycle of its own (the fine-tuning case) names its checks; the others' come from
+    # their reparametrization's oracle
+    names = getattr(case, "checks", None) or oracle_for(case).checks
     return {name: CheckResult(name, CHECK_QUANTITY[name], *tolerance(case.dtype, CHECK_QUANTITY[name])) for name in
             names}
 
@@ -346,9 +350,14 @@ def run_case(adapter: Adapter, case: Case, expected_failures: Sequence[ExpectedF
     start = time.perf_counter()
     checks = _fresh_checks(case)
     result = CaseResult(case, adapter.name, PASSED, checks)
-    stage = ["plain_forward"]
+    stage = [""]
     try:
-        _life_cycle(adapter, case, checks, result.arrays, stage)
+        stage[0] = next(iter(checks))
+        life_cycle = getattr(case, "life_cycle", None)
+        if life_cycle is not None:
+            life_cycle(adapter, checks, result.arrays, stage)
+        else:
+            _life_cycle(adapter, case, checks, result.arrays, stage)
         unreached = "the life cycle returned before this check (suite bug)"
     except Exception as error:  # a backend crash is a result, not a suite crash
         message = f"raised {type(error).__name__}: {error}"

@@ -62,6 +62,7 @@ from xnorm._backends.flax import linen_weight
 from xnorm._backends.flax.spectral import STATE_COLLECTION
 from xnorm.spec import LayerKind, Orthogonal, Reparametrization, SpectralNorm, StorageLayout
 
+from .. import fine_tuning
 from ..adapter import Adapter
 from ..cases import LayerCase
 
@@ -260,6 +261,7 @@ class _FlaxAdapter(Adapter):
         "table's float16 row yet"
     }
     devices = ("cpu", "gpu")
+    reparametrization_reasons = {"freeze": "the fine-tuning case is not written for Flax yet (issue 17)"}
 
     @property
     def reparametrizations(self) -> Tuple[str, ...]:
@@ -641,6 +643,7 @@ class LinenFusedAdapter(LinenAdapter):
     reparametrization_reasons = {
         "spectral_norm": "fused=True is a weight-norm path; spectral norm has none",
         "orthogonal": ORTHOGONAL_NOT_FUSED,
+        "freeze": fine_tuning.RUN_BY_THE_BACKEND_ADAPTER,
     }
 
     def wrap(self, handle: LinenHandle, spec: Reparametrization) -> LinenHandle:
@@ -656,6 +659,7 @@ class NNXFusedAdapter(NNXAdapter):
     reparametrization_reasons = {
         "spectral_norm": "fused=True is a weight-norm path; spectral norm has none",
         "orthogonal": ORTHOGONAL_NOT_FUSED,
+        "freeze": fine_tuning.RUN_BY_THE_BACKEND_ADAPTER,
     }
 
     def wrap(self, handle: NNXHandle, spec: Reparametrization) -> NNXHandle:

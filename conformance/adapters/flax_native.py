@@ -44,6 +44,7 @@ from flax import nnx
 
 from xnorm.spec import Reparametrization, SpectralNorm
 
+from .. import fine_tuning
 from ..cases import LayerCase
 from .flax import (
     _DTYPES,
@@ -64,7 +65,10 @@ _ONLY_FLOAT32 = (
     "there (see conformance/adapters/flax_native.py)"
 )
 _DTYPE_REASONS = {dtype: _ONLY_FLOAT32 for dtype in ("float64", "bfloat16", "float16")}
-_REPARAMETRIZATION_REASONS = {"orthogonal": "Flax has orthogonal initializers only, no orthogonal parametrization"}
+_REPARAMETRIZATION_REASONS = {
+    "orthogonal": "Flax has orthogonal initializers only, no orthogonal parametrization",
+    "freeze": fine_tuning.RUN_BY_THE_BACKEND_ADAPTER,
+}
 
 
 def _weight_norm_options(layer: LayerCase, spec: Reparametrization, dtype: str) -> dict:

@@ -53,6 +53,7 @@ from xnorm._backends.mindspore.orthogonal import OrthogonalCell
 from xnorm._backends.mindspore.spectral import SpectralNormCell
 from xnorm.spec import LayerKind, Reparametrization, StorageLayout
 
+from .. import fine_tuning
 from ..adapter import Adapter
 from ..cases import LayerCase
 
@@ -243,6 +244,7 @@ class _MindSporeAdapter(Adapter):
 
     backend = "mindspore"
     reparametrizations = ("weight_norm", "spectral_norm", "orthogonal")
+    reparametrization_reasons = {"freeze": "the fine-tuning case is not written for MindSpore yet (issue 17)"}
     dtypes = ("float32", "float64")
     dtype_reasons = {
         "bfloat16": "MindSpore 2.10's CPU MatMul and convolution kernels reject bfloat16",
@@ -527,4 +529,5 @@ class MindSporeGraphFusedAdapter(MindSporeGraphAdapter):
     reparametrization_reasons = {
         "spectral_norm": "fused=True is a weight-norm path; spectral norm has none",
         "orthogonal": "fused=True is a weight-norm path; the orthogonal parametrization has none",
+        "freeze": fine_tuning.RUN_BY_THE_BACKEND_ADAPTER,
     }

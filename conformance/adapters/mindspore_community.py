@@ -30,6 +30,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from xnorm.spec import Reparametrization, StorageLayout
 
+from .. import fine_tuning
 from .mindspore import MindSporeGraphAdapter, _canonical, _to_numpy
 
 __all__ = ["AssignWeightNorm", "MindSporeAssignAdapter"]
@@ -80,6 +81,7 @@ class MindSporeAssignAdapter(MindSporeGraphAdapter):
         "spectral_norm": "MindSpore has no spectral norm and the community port found is a projection in place, "
         "not a reparametrization (docs/spec.md)",
         "orthogonal": "MindSpore has an orthogonal initializer only; there is no community parametrization to run",
+        "freeze": fine_tuning.RUN_BY_THE_BACKEND_ADAPTER,
     }
 
     def __init__(self) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from xnorm import reference, reference_orthogonal, reference_spectral
 from xnorm.spec import Orthogonal, WeightNorm, spectral_matrix_shape
 
-from .. import layers
+from .. import fine_tuning, layers
 from ..adapter import Adapter
 from ..cases import CATALOGUE_REPARAMETRIZATIONS
 
@@ -153,3 +153,12 @@ class ReferenceAdapter(Adapter):
     def state_roundtrip(self, handle, fresh):
         return {**fresh, "tensors": copy.deepcopy(handle["tensors"]), "bias": copy.deepcopy(handle["bias"]),
                 "state": copy.deepcopy(handle["state"])}
+
+    def fine_tune(self, run):
+        record = dict(run.weights)
+        record.update(fine_tuning.reference_eval(record, run.dtype))
+        records = [record]
+        for index, batch in enumerate(run.batches):
+            frozen = run.freeze and index < fine_tuning.FROZEN_STEPS  # unfreeze before the last step
+            records.append(fine_tuning.reference_step(records[-1], batch, run, "torch", frozen=frozen))
+        return records

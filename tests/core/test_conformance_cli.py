@@ -17,6 +17,7 @@ import pytest
 
 from xnorm.cli import EXIT_INCOMPLETE, main
 from xnorm.conformance.cases import CATALOGUE_DTYPES, catalogue
+from xnorm.conformance.fine_tuning import FINE_TUNING_CHECKS
 from xnorm.conformance.oracles import oracle_for
 
 REFERENCE = "xnorm.conformance.adapters.reference:ReferenceAdapter"
@@ -119,11 +120,19 @@ def test_cases_failing_at_their_first_check_exit_1_with_every_later_check_not_ru
     results = tmp_path / "results"
     assert main(["conformance", "--backend", f"{adapters}:CrashesAtBuild", "--results-dir", str(results)]) == 1
     summary = _summary(results, "numpy-crashes-at-build")
-    n = len(catalogue(("float64",)))
-    # the other dtypes' cases are not run (the orthogonal cases exist for float32 and float64 only)
-    assert summary["counts"] == {"passed": 0, "failed": n, "xfail": 0, "not-run": len(catalogue(CATALOGUE_DTYPES)) - n}
-    every_case = catalogue(CATALOGUE_DTYPES)
+    layer_kinds = ("weight_norm", "spectral_norm", "orthogonal")
+    n = len(catalogue(("float64",), reparametrizations=layer_kinds))
+    # the other dtypes' cases are not run (the orthogonal cases exist for float32 and float64 only); the
+    # fine-tuning case builds no catalogue layer, so it passes
+    fine_tuning = len(catalogue(("float64",), reparametrizations=("freeze",)))
+    assert summary["counts"] == {
+        "passed": fine_tuning, "failed": n, "xfail": 0, "not-run": len(catalogue(CATALOGUE_DTYPES)) - n - fine_tuning
+    }
+    every_case = catalogue(CATALOGUE_DTYPES, reparametrizations=layer_kinds)
     for check, counts in summary["check_counts"].items():
+        if check in FINE_TUNING_CHECKS:
+            assert counts["passed"] == fine_tuning and counts["failed"] == 0, check
+            continue
         having = sum(check in oracle_for(case).checks for case in every_case)  # "preserves": weight norm only
         failed = n if check == "plain_forward" else 0
         assert counts == {"passed": 0, "failed": failed, "xfail": 0, "not-run": having - failed}, check
@@ -150,7 +159,8 @@ def test_a_failing_backend_exits_1_and_the_report_opens_with_the_verdict(tmp_pat
     assert f"| `numpy-reference` | {n} passed · {3 * n} not run |" in first_screen
     assert f"| `numpy-broken` | {n - n_bias} passed · {n_bias} failed · {3 * n} not run |" in first_screen
     # the pair is compared on the cases both passed (those without a bias) and agrees there
-    without_bias = sum(not case.layer.bias for case in catalogue(("float64",)))  # every reparametrization
+    # every reparametrization's, and the fine-tuning case, which has no layer of the catalogue
+    without_bias = sum(not case.layer.bias if hasattr(case, "layer") else 1 for case in catalogue(("float64",)))
     assert f"| `numpy-broken` vs `numpy-reference` | {without_bias} | yes |" in first_screen
     assert first_screen.rstrip() in out and "## numpy-broken" not in out  # the terminal gets the verdict
     assert f"(markdown: {results / 'report.md'})" in out and f"(html: {results / 'report.html'})" in out

@@ -2,12 +2,14 @@
 expected-failure rules and compares saved runs. The backends here are NumPy ones built from the
 reference, so these tests need no framework."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from xnorm import reference_spectral
+from xnorm.conformance import fine_tuning
 from xnorm.conformance.adapters.reference import ReferenceAdapter as NumpyAdapter
 from xnorm.conformance.cases import CATALOGUE_DTYPES, LAYERS, Case, catalogue
 from xnorm.conformance.report import cross_report, full_report
@@ -178,7 +180,7 @@ def test_absent_device_is_reported_not_run():
     suite = SuiteRun(NumpyAdapter(), expected_failures=[])
     result = suite.run(Case(LAYERS[0], 0, "float64", "gpu"))
     assert result.status == "not-run" and "gpu" in result.reason
-    assert set(result.checks) == set(CHECKS)
+    assert set(result.checks) == set(CHECKS) - set(fine_tuning.FINE_TUNING_CHECKS)  # weight norm's
     assert all(c.state == "not-run" and c.ratio is None and "gpu" in c.detail for c in result.checks.values())
     assert suite.absent_devices() == ["gpu"]
 
@@ -466,3 +468,119 @@ def test_broken_orthogonal_backends_fail_the_checks_that_concern_them(adapter, f
     case = next(c for c in ORTHOGONAL_CASES if c.spec.use_trivialization and c.layer.label == "conv2d-kernels")
     result = run_case(adapter, case)
     assert {name for name, check in result.checks.items() if check.state == "failed"} == failing
+
+
+# -- the fine-tuning case of xnorm.freeze --------------------------------------------------------------
+FINE_TUNING_CASE = next(case for case in catalogue(("float64",), reparametrizations=("freeze",)))
+
+
+class ForgetsToFreeze(NumpyAdapter):
+    """The trap itself: bn1 keeps training-mode statistics (bn.eval() undone by model.train())."""
+
+    name = "numpy-forgets-to-freeze"
+
+    def fine_tune(self, run):
+        return super().fine_tune(dataclasses.replace(run, freeze=False))
+
+
+class NeverUnfreezes(NumpyAdapter):
+    """unfreeze() that leaves bn1 frozen."""
+
+    name = "numpy-never-unfreezes"
+
+    def fine_tune(self, run):
+        records = super().fine_tune(run)
+        if run.freeze:
+            records[-1] = fine_tuning.reference_step(records[-2], run.batches[-1], run, "torch", frozen=True)
+        return records
+
+
+class FreezesAlways(NumpyAdapter):
+    """A freeze that happens without being asked (the counter-example shows no drift)."""
+
+    name = "numpy-freezes-always"
+
+    def fine_tune(self, run):
+        return super().fine_tune(dataclasses.replace(run, freeze=True))
+
+
+class WrongVarianceConvention(NumpyAdapter):
+    """Updates the running variance with the biased batch variance while claiming torch's convention."""
+
+    name = "numpy-biased-running-var"
+
+    def fine_tune(self, run):
+        records = [dict(run.weights, **fine_tuning.reference_eval(run.weights, run.dtype))]
+        for index, batch in enumerate(run.batches):
+            frozen = run.freeze and index < fine_tuning.FROZEN_STEPS
+            records.append(fine_tuning.reference_step(records[-1], batch, run, "flax", frozen=frozen))
+        return records
+
+
+def test_the_fine_tuning_case_is_in_the_catalogue_once_per_dtype_and_device():
+    cases = [c for c in catalogue(CATALOGUE_DTYPES, ("cpu", "gpu")) if c.reparametrization == "freeze"]
+    assert sorted(c.id for c in cases) == [
+        "finetune-convnet-bn-float32-cpu", "finetune-convnet-bn-float32-gpu",
+        "finetune-convnet-bn-float64-cpu", "finetune-convnet-bn-float64-gpu",
+    ]
+    assert set(FINE_TUNING_CASE.checks) <= set(CHECKS)
+
+
+def test_a_correct_backend_passes_the_fine_tuning_case():
+    result = run_case(NumpyAdapter(), FINE_TUNING_CASE)
+    assert result.status == "passed", result.failures()
+    assert set(result.checks) == {"frozen_state", "frozen_output", "fine_tuning", "unfreeze", "drift"}
+    assert all(check.max_abs == 0.0 for check in result.checks.values())
+
+
+@pytest.mark.parametrize(
+    ("adapter", "failing"),
+    [
+        (ForgetsToFreeze(), {"frozen_state", "frozen_output", "fine_tuning"}),
+        (NeverUnfreezes(), {"unfreeze"}),
+        (FreezesAlways(), {"drift"}),
+        (WrongVarianceConvention(), {"fine_tuning", "unfreeze", "drift"}),
+    ],
+    ids=lambda a: getattr(a, "name", ""),
+)
+def test_broken_freezes_fail_the_fine_tuning_checks_that_concern_them(adapter, failing):
+    result = run_case(adapter, FINE_TUNING_CASE)
+    assert result.status == "failed"
+    assert {name for name, check in result.checks.items() if check.state == "failed"} == failing
+    assert all(check.state == "passed" for name, check in result.checks.items() if name not in failing)
+
+
+def test_a_fine_tune_that_raises_fails_its_first_check_and_leaves_the_rest_not_run():
+    class Crashes(NumpyAdapter):
+        name = "numpy-fine-tune-crashes"
+
+        def fine_tune(self, run):
+            raise RuntimeError("no BatchNorm kernel")
+
+    result = run_case(Crashes(), FINE_TUNING_CASE)
+    assert result.status == "failed" and result.checks["frozen_state"].state == "failed"
+    for name in ("frozen_output", "fine_tuning", "unfreeze", "drift"):
+        assert result.checks[name].state == "not-run"
+        assert result.checks[name].detail == "not reached: frozen_state raised RuntimeError"
+
+
+def test_an_adapter_without_the_fine_tuning_case_reports_it_not_run_with_its_reason():
+    class NoFreeze(NumpyAdapter):
+        name = "numpy-no-freeze"
+        reparametrizations = ("weight_norm",)
+        reparametrization_reasons = {"freeze": "xnorm.freeze is not implemented here"}
+
+    result = SuiteRun(NoFreeze(), expected_failures=[]).run(FINE_TUNING_CASE)
+    assert result.status == "not-run" and "xnorm.freeze is not implemented here" in result.reason
+    assert all(check.state == "not-run" for check in result.checks.values())
+
+
+def test_the_fine_tuning_trajectories_are_compared_across_backends(tmp_path):
+    for adapter in (NumpyAdapter(), WrongVarianceConvention()):
+        suite = SuiteRun(adapter, expected_failures=[])
+        suite.run(FINE_TUNING_CASE)
+        suite.results[0].status = "passed"  # compare the arrays even though one run failed its own checks
+        suite.save(tmp_path)
+    text, agree = cross_report(tmp_path)
+    # the running variances differ by convention and are left out, but they feed the eval outputs
+    assert not agree and "finetune_" in text
