@@ -445,18 +445,19 @@ class FlaxBackend(Backend):
         return isinstance(obj, _xnorm_wrappers())
 
     def freeze(self, obj: Any, *, affine: bool, layers: Any) -> Any:
-        raise UnsupportedLayerError(
-            "xnorm.freeze exists for torch so far, not yet for Flax (issue 17); nothing was changed. Meanwhile call "
-            "linen BatchNorm with use_running_average=True, or use nnx.view(model, use_running_average=True)."
-        )
+        from . import freeze  # NNX in place; linen returns a new module (docs/freeze.md, Flax)
+
+        return freeze.freeze(obj, affine=affine, layers=layers)
 
     def unfreeze(self, obj: Any) -> Any:
-        raise UnsupportedLayerError(
-            "xnorm.unfreeze (like xnorm.freeze) exists for torch so far, not yet for Flax; nothing was changed."
-        )
+        from . import freeze
+
+        return freeze.unfreeze(obj)
 
     def is_frozen(self, obj: Any) -> bool:
-        return False  # this backend cannot freeze anything yet
+        from . import freeze
+
+        return freeze.is_frozen(obj)
 
     # -- wrap -----------------------------------------------------------------------------------
     def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str] = None, **options: Any) -> Any:
