@@ -78,6 +78,7 @@ from xnorm.errors import (
     AlreadyWrappedError,
     BackendDetectionError,
     MissingParameterError,
+    NotFrozenError,
     OptionError,
     UnsupportedLayerError,
 )
@@ -91,6 +92,8 @@ from xnorm.spec import (
     WeightNorm,
     check_floating,
 )
+
+from . import freeze as _freeze  # imports nothing from this package when loaded
 
 __all__ = ["MindSporeBackend", "ReparametrizedCell", "WeightNormCell", "SUPPORTED_LAYERS"]
 
@@ -449,18 +452,19 @@ class MindSporeBackend(Backend):
         return isinstance(obj, ReparametrizedCell)
 
     def freeze(self, obj: Any, *, affine: bool, layers: Any) -> Any:
-        raise UnsupportedLayerError(
-            "xnorm.freeze exists for torch so far, not yet for MindSpore (issue 17); nothing was changed. Meanwhile "
-            "build the BatchNorm cells with use_batch_statistics=False, before any graph is compiled."
-        )
+        """Freeze the BatchNorm1d/2d/3d cells in ``obj`` (or those ``layers`` selects): see
+        :mod:`.freeze` for the mechanism and the recompilation it forces."""
+        if not isinstance(obj, nn.Cell):
+            raise UnsupportedLayerError(f"xnorm.freeze takes a mindspore.nn.Cell, got {type(obj).__name__}.")
+        return _freeze.freeze(obj, affine=affine, layers=layers)
 
     def unfreeze(self, obj: Any) -> Any:
-        raise UnsupportedLayerError(
-            "xnorm.unfreeze (like xnorm.freeze) exists for torch so far, not yet for MindSpore; nothing was changed."
-        )
+        if not isinstance(obj, nn.Cell):
+            raise NotFrozenError(f"xnorm.unfreeze takes a mindspore.nn.Cell, got {type(obj).__name__}.")
+        return _freeze.unfreeze(obj)
 
     def is_frozen(self, obj: Any) -> bool:
-        return False  # this backend cannot freeze anything yet
+        return isinstance(obj, nn.Cell) and _freeze.is_frozen(obj)
 
     # -- wrap ----------------------------------------------------------------------------------------
     def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str], **options: Any) -> ReparametrizedCell:
