@@ -562,3 +562,16 @@ def test_not_a_cell():
     with pytest.raises(NotFrozenError, match="takes a mindspore.nn.Cell"):
         backend.unfreeze([1.0])
     assert backend.is_frozen([1.0]) is False
+
+
+def test_the_docs_example_runs():
+    """docs/freeze.md's MindSpore example (the python blocks that import mindspore)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "freeze.md").read_text()
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "import mindspore" in code]
+    if not blocks:
+        pytest.skip("docs/freeze.md has no MindSpore example yet")
+    for number, code in enumerate(blocks):
+        exec(compile(code, f"docs/freeze.md (MindSpore python block {number})", "exec"), {})
