@@ -1,0 +1,83 @@
+"""xnorm's reparametrizations under DistributedDataParallel (gloo, 2 CPU processes started by torchrun):
+every rank ends with the same values, and they equal one process trained on the whole batch.
+
+The ranks run tests/torch/distributed_worker.py; this module runs the same steps in one process and
+compares. Issue 16; docs/distributed.md has the recipe.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xnorm.conformance.tolerances import assert_close
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402 - the ranks' own module, shared with the single-process run
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run every scenario once on two ranks; returns the folder of their results."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+        str(Path(worker.__file__)), str(out),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return out
+
+
+def _result(folder: Path, scenario: str, rank: int) -> dict:
+    return torch.load(folder / f"{scenario}-rank{rank}.pt", weights_only=True)
+
+
+def _single_process(loss: str) -> dict:
+    model = worker.build_model()
+    worker.train(model, worker.LOSSES[loss], rank=0, world=1)
+    return worker.full_state(model)
+
+
+@pytest.mark.parametrize("scenario", sorted(worker.SCENARIOS))
+def test_every_rank_holds_the_same_values_and_they_equal_one_process_on_the_whole_batch(ranks, scenario):
+    results = [_result(ranks, scenario, rank) for rank in range(WORLD)]
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"{scenario}: rank {rank} raised {result['error']}"
+    first = results[0]["state"]
+    for rank, result in enumerate(results[1:], 1):
+        assert result["state"].keys() == first.keys()
+        for key, value in result["state"].items():
+            assert torch.equal(value, first[key]), f"{scenario}: {key} differs between rank 0 and rank {rank}"
+    expected = _single_process(worker.SCENARIOS[scenario][0])
+    assert first.keys() == expected.keys()
+    moved = 0
+    for key, value in first.items():
+        assert_close(value.numpy(), expected[key].numpy(), "float64", "training", what=f"{scenario}: {key}")
+        moved += not torch.equal(value, worker.full_state(worker.build_model())[key])
+    # the comparison means something only if training moved the tensors (buffers such as the
+    # orthogonal base stay)
+    assert moved >= len(first) - 2, f"{scenario}: only {moved} of {len(first)} tensors changed in training"
+
+
+@pytest.mark.parametrize("scenario", [name for name in sorted(worker.SCENARIOS) if name.startswith("fsdp2")])
+def test_fsdp2_shards_every_reparametrization_tensor_along_its_first_axis(ranks, scenario):
+    full = {name: list(param.shape) for name, param in worker.build_model().named_parameters()}
+    for rank in range(WORLD):
+        local = _result(ranks, scenario, rank)["local_shapes"]
+        assert local.keys() == full.keys()
+        for name, shape in full.items():
+            # FSDP2 splits dim 0 into WORLD chunks (the last rank's may be shorter, or empty)
+            expected = min(-(-shape[0] // WORLD), max(shape[0] - rank * -(-shape[0] // WORLD), 0))
+            assert local[name] == [expected, *shape[1:]], f"{scenario} rank {rank}: {name} {local[name]} of {shape}"
+
+
+def test_the_compiled_ddp_model_was_compiled(ranks):
+    for rank in range(WORLD):
+        assert _result(ranks, "ddp-compiled", rank)["compiled_graphs"] >= 1
