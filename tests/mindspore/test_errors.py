@@ -138,15 +138,3 @@ def test_is_wrapped():
     assert xnorm.is_wrapped(wrapped)
     assert not xnorm.is_wrapped(nn.SequentialCell([wrapped]))
     assert not xnorm.is_wrapped(object())
-
-
-def test_freeze_is_not_implemented_yet_and_changes_nothing():
-    model = nn.SequentialCell([nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)])
-    model.set_train(True)
-    before = snapshot(model)
-    for call in (lambda: xnorm.freeze(model), lambda: xnorm.unfreeze(model)):
-        with pytest.raises(UnsupportedLayerError, match="exists for torch so far"):
-            call()
-        assert_untouched(model, before)
-        assert model.training and model[1].training
-    assert xnorm.is_frozen(model) is False

@@ -522,6 +522,8 @@ def test_the_docs_examples_run():
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "freeze.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    # the torch example and the framework-free one; the MindSpore and Flax blocks run in their environments
+    blocks = [code for code in blocks if not any(name in code for name in ("mindspore", "flax", "jax"))]
     assert len(blocks) == 2
     for number, code in enumerate(blocks):
         exec(compile(code, f"docs/freeze.md (python block {number})", "exec"), {})
