@@ -82,10 +82,9 @@ CONVENTIONS: Dict[str, Convention] = {
         running_var="unbiased",
         channel_axis=1,
         status=(
-            "momentum: documented by the source (nn.BatchNorm's __init__ stores 1.0 - momentum for its primitive) "
-            "and, with the unbiased variance, measured by hand on MindSpore 2.10 CPU in PYNATIVE_MODE (one step "
-            "from mean 0, var 1 on the batch 1, 2, 3, 6 with momentum 0.9: mean 0.3, var 1.3666667 = "
-            "0.9 + 0.1 * 14/3); not yet a test, and unverified in GRAPH_MODE, on GPU and Ascend, and for the "
+            "momentum: documented by the source (nn.BatchNorm's __init__ stores 1.0 - momentum for its primitive); "
+            "momentum, the unbiased variance and the defaults measured by tests/mindspore/test_freeze.py on "
+            "MindSpore 2.10 CPU in GRAPH_MODE and PYNATIVE_MODE; unverified on GPU and Ascend, and for the "
             "torch-like signature MindSpore announces after 2.9."
         ),
     ),
