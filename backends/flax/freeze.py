@@ -415,6 +415,10 @@ def _freeze_linen(module: nn.Module, selection: _Selection) -> nn.Module:
             "__doc__": base.__doc__,
         },
     )
+    if module.scope is not None and isinstance(module.parent, nn.Module):
+        # Made inside a parent's compact method: the layer has reserved its name and scope already, and a
+        # second module of that name is refused; the frozen one takes that very scope (as xnorm.wrap does).
+        fields.update(parent=module.scope, name=module.name)
     return frozen_cls(**fields)
 
 

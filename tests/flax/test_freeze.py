@@ -609,3 +609,42 @@ def test_is_frozen_is_false_for_anything_else():
     assert xnorm.is_frozen(nnx.BatchNorm(2, rngs=nnx.Rngs(0))) is False
     assert xnorm.is_frozen(nn.BatchNorm()) is False
     assert flax_freeze.is_frozen(object()) is False
+
+
+def test_linen_freeze_inside_setup_and_compact_keeps_paths_and_only_the_modules_own_layers():
+    class Child(nn.Module):
+        norm: nn.Module
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False)(self.norm(x))
+
+    class Parent(nn.Module):
+        def setup(self):
+            self.bn = nn.BatchNorm(use_running_average=False)  # owned by Parent, called by the frozen child
+            self.child = xnorm.freeze(Child(norm=self.bn))
+
+        def __call__(self, x):
+            return self.child(x)
+
+    class Inline(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False)(xnorm.freeze(nn.BatchNorm(use_running_average=False))(x))
+
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(5, 3)) * 2 + 1, F32)
+    for model, frozen_path, free_path in (
+        (Parent(), ("child", "BatchNorm_0"), ("bn",)),
+        (Inline(), ("BatchNorm_1",), ("BatchNorm_0",)),  # the outer call is built first,
+    ):
+        variables = model.init(jax.random.key(0), x)
+        assert sorted(variables["batch_stats"]) == sorted({frozen_path[0], free_path[0]})  # the plain paths
+        _, updates = model.apply(variables, x, mutable=["batch_stats"])
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            _at(updates["batch_stats"], frozen_path),
+            _at(variables["batch_stats"], frozen_path),
+        )
+        assert not np.array_equal(
+            _at(updates["batch_stats"], free_path)["mean"], _at(variables["batch_stats"], free_path)["mean"]
+        )
