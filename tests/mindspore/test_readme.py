@@ -35,3 +35,17 @@ def test_readme_mindspore_orthogonal_example_runs(tmp_path, capsys):
     assert sorted(p.name for p in plain.get_parameters()) == ["weight"]
     np.testing.assert_allclose(w.T @ w, np.eye(8), atol=1e-5)
     np.testing.assert_array_equal(plain.weight.asnumpy(), w)
+
+
+def test_readme_mindspore_freeze_example_runs(tmp_path):
+    import xnorm
+
+    section = README.read_text().split("## Freezing BatchNorm statistics", 1)[1].split("\n## ", 1)[0]
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", section, re.S) if "mindspore" in code]
+    assert len(blocks) == 1
+    script = tmp_path / "readme_freeze.py"
+    script.write_text(blocks[0])
+    namespace = runpy.run_path(str(script), run_name="readme_freeze")
+    backbone = namespace["backbone"]
+    assert not xnorm.is_frozen(backbone) and backbone[1].use_batch_statistics is None
+    assert abs(backbone[1].momentum - 0.1) < 1e-6  # MindSpore stores 1 - momentum for its primitive

@@ -37,3 +37,14 @@ def test_readme_orthogonal_example_runs(capsys):
     assert not hasattr(rotation, "parametrizations") and type(rotation).__name__ == "Linear"
     w = rotation.weight.detach()
     assert torch.allclose(w.T @ w, torch.eye(8), atol=1e-5)
+
+
+def test_readme_freeze_example_runs():
+    section = README.read_text().split("## Freezing BatchNorm statistics", 1)[1].split("\n## ", 1)[0]
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", section, re.S)
+              if not any(name in code for name in ("mindspore", "flax", "jax"))]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md (freeze, torch)", "exec"), namespace)
+    backbone = namespace["backbone"]
+    assert not namespace["xnorm"].is_frozen(backbone) and backbone[1].training
