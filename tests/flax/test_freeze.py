@@ -527,7 +527,14 @@ class WithLayerNorm(nnx.Module):
         self.bn = nnx.BatchNorm(4, rngs=rngs)
 
 
+def _hijax_batchnorm():
+    layer = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    layer.scale = nnx.Param(jnp.ones(3, F32), hijax=True)
+    return layer
+
+
 NNX_REFUSALS = {
+    "hijax scale": (_hijax_batchnorm, {}, UnsupportedLayerError, "hijax variables (scale)"),
     "nothing to freeze": (lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0)), {}, UnsupportedLayerError, "nothing to freeze"),
     "layernorm alone": (lambda: nnx.LayerNorm(4, rngs=nnx.Rngs(0)), {}, UnsupportedLayerError, "no running statistics"),
     "layernorm type": (
