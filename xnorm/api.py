@@ -176,20 +176,24 @@ def _not_wrapped(obj: Any, hint: str = "") -> NotWrappedError:
 def freeze(model_or_layer: Any, *, affine: bool = True, layers: Any = None, backend: Optional[str] = None) -> Any:
     """Freeze the normalization layers' running statistics, so that they survive ``model.train()``.
 
-    Every normalization layer with running statistics in ``model_or_layer`` (torch: BatchNorm1d/2d/3d,
-    SyncBatchNorm, a materialized Lazy BatchNorm, an InstanceNorm with ``track_running_stats=True``),
-    or those ``layers`` selects, normalizes with its stored running mean and variance in every mode
-    (the eval-mode formula, :func:`xnorm.batchnorm.eval_batchnorm`) and never updates them, through
-    ``train()``, ``copy.deepcopy``, ``torch.compile`` and ``state_dict`` round trips. Checkpoint keys
-    and values are unchanged (``num_batches_tracked`` included), so a frozen model loads a normal
-    checkpoint and the other way round with ``strict=True``. Layers frozen by their class (torchvision's
-    ``FrozenBatchNorm2d``) are left alone. See docs/freeze.md.
+    Every normalization layer with running statistics in ``model_or_layer``, or those ``layers``
+    selects, normalizes with its stored running mean and variance in every mode (the eval-mode formula,
+    :func:`xnorm.batchnorm.eval_batchnorm`) and never updates them. torch: BatchNorm1d/2d/3d,
+    SyncBatchNorm, a materialized Lazy BatchNorm, an InstanceNorm with ``track_running_stats=True``,
+    through ``train()``, ``copy.deepcopy``, pickle and ``torch.compile``; layers frozen by their class
+    (torchvision's ``FrozenBatchNorm2d``) are left alone. MindSpore: ``nn.BatchNorm1d/2d/3d``, through
+    ``set_train()`` and graphs compiled before the call (every compiled graph of the process is dropped
+    once). Flax: ``nnx.BatchNorm`` in place, through ``train()``, ``nnx.view``, ``nnx.jit``, clone and
+    split/merge; linen ``nn.BatchNorm`` by returning a new module (linen modules are immutable).
+    Checkpoint keys and values are unchanged (torch's ``num_batches_tracked`` included), so a frozen
+    model loads a normal checkpoint and the other way round strictly. See docs/freeze.md.
 
     Args:
-        model_or_layer: a model or one normalization layer (torch so far; MindSpore and Flax raise
-            UnsupportedLayerError).
-        affine: also stop training the layers' scale and shift (``requires_grad=False`` in torch).
-            An optimizer built before ``freeze`` still holds them: docs/freeze.md says what it does.
+        model_or_layer: a torch module, a MindSpore Cell, an NNX module or a linen module (unbound).
+        affine: also stop training the layers' scale and shift (torch and MindSpore:
+            ``requires_grad=False``; NNX: the variables become ``FrozenParam``, not ``nnx.Param``; linen:
+            give ``xnorm._backends.flax.freeze.frozen_labels`` to ``optax.multi_transform``). An
+            optimizer built before ``freeze`` still holds them: docs/freeze.md says what each does.
         layers: ``None`` (every normalization layer with running statistics), a type or a tuple of
             types (``(torch.nn.BatchNorm2d,)``), a regular expression (a string or compiled pattern)
             searched in each layer's qualified name (``"^backbone[.]"``), or a predicate
@@ -197,12 +201,14 @@ def freeze(model_or_layer: Any, *, affine: bool = True, layers: Any = None, back
         backend: ``"torch"``, ``"mindspore"`` or ``"flax"``; ``None`` detects it from the object's type.
 
     Returns:
-        ``model_or_layer``, frozen in place.
+        ``model_or_layer``, frozen in place; for a linen module, a new frozen module (the argument is
+        unchanged).
 
     Raises:
         UnsupportedLayerError: nothing to freeze (no normalization layer with running statistics), a
             selected layer without running statistics (LayerNorm, GroupNorm, a BatchNorm with
-            ``track_running_stats=False``), a Lazy layer not yet materialized.
+            ``track_running_stats=False``), a Lazy layer not yet materialized, a MindSpore
+            ``mint.nn`` BatchNorm, a bound linen module.
         AlreadyFrozenError: every selected layer is frozen already.
         OptionError: ``affine`` is not a bool, ``layers`` is none of the forms above, an invalid
             pattern, a type that is not a normalization layer, or it selects no layer.
@@ -216,7 +222,8 @@ def freeze(model_or_layer: Any, *, affine: bool = True, layers: Any = None, back
 
 
 def unfreeze(obj: Any, *, backend: Optional[str] = None) -> Any:
-    """Undo :func:`freeze` on every layer of ``obj`` it froze, in place, and return ``obj``.
+    """Undo :func:`freeze` on every layer of ``obj`` it froze, in place, and return ``obj`` (for a frozen
+    linen module: the plain module it was made from).
 
     Each layer gets back the behaviour it would have had without ``freeze``: its mode is the one the
     last ``train()``/``eval()`` asked for while it was frozen (the mode it had before ``freeze`` if

@@ -98,8 +98,8 @@ CONVENTIONS: Dict[str, Convention] = {
         channel_axis=-1,
         status=(
             "documented by the source (flax/linen/normalization.py: ra_var = momentum * ra_var + "
-            "(1 - momentum) * var, var from E[x^2] - E[x]^2, the biased one) and measured by hand on Flax 0.12.8 "
-            "linen (one step from var 1 on the batch 1, 2, 3, 6: 1.025 = 0.99 + 0.01 * 3.5); not yet a test."
+            "(1 - momentum) * var, var from E[x^2] - E[x]^2, the biased one) and measured by tests/flax/test_freeze.py "
+            "on Flax 0.12.8 and JAX 0.10.2, CPU, linen and NNX."
         ),
     ),
 }

@@ -51,3 +51,28 @@ def test_readme_orthogonal_example_runs(capsys):
     assert type(plain) is nnx.Linear
     np.testing.assert_array_equal(np.asarray(plain.kernel.get_value()), w)
     np.testing.assert_allclose(w.T @ w, np.eye(8), atol=1e-5)
+
+
+def test_freeze_doc_examples_run():
+    """docs/freeze.md's Flax examples (NNX in place; linen with optax labels): each asserts what it shows."""
+    text = (DOC.parent / "freeze.md").read_text()
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+              if re.search(r"^from flax\b", code, re.M)]
+    assert len(blocks) == 2
+    for number, code in enumerate(blocks):
+        exec(compile(code, f"docs/freeze.md (Flax python block {number})", "exec"), {})  # noqa: S102
+
+
+def test_readme_freeze_example_runs():
+    import xnorm
+
+    readme = DOC.parents[1] / "README.md"
+    section = readme.read_text().split("## Freezing BatchNorm statistics", 1)[1].split("\n## ", 1)[0]
+    blocks = [code for code in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+              if re.search(r"^from flax\b", code, re.M)]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md (freeze, Flax)", "exec"), namespace)  # noqa: S102
+    bn = namespace["bn"]
+    assert not xnorm.is_frozen(namespace["model"]) and type(bn).__name__ == "BatchNorm"
+    assert abs(bn.momentum - 0.9) < 1e-12  # torch's 0.1, translated

@@ -246,16 +246,3 @@ def test_generic_linen_module_reports_at_init():
         wrapped.init(jax.random.key(0), X)
     with pytest.raises(DimError):
         xnorm.wrap(Custom(), name="w", dim=5).init(jax.random.key(0), X)
-
-
-def test_freeze_is_not_implemented_yet_and_changes_nothing():
-    module = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
-    saved = nnx_snapshot(module)
-    for call in (lambda: xnorm.freeze(module), lambda: xnorm.unfreeze(module)):
-        with pytest.raises(UnsupportedLayerError, match="exists for torch so far"):
-            call()
-        assert_nnx_same(module, saved)
-    assert module.use_running_average is False
-    assert xnorm.is_frozen(module) is False
-    with pytest.raises(UnsupportedLayerError, match="exists for torch so far"):
-        xnorm.freeze(nn.BatchNorm(use_running_average=False))
