@@ -241,7 +241,7 @@ class FineTuningCase:
         expected = reference_step(records[last - 1], run.batches[last - 1], run, convention, frozen=False)
         for key in RECORD_KEYS:
             checks["unfreeze"].add(records[last][key], expected[key], f"{key} after unfreeze and one step")
-        saved.update(_saved("frozen", records))
+        saved.update(_saved("frozen", records, convention))
 
         stage[0] = "drift"
         plain_run = self.run(freeze=False)
@@ -254,7 +254,7 @@ class FineTuningCase:
             _require_drift(plain[step - 1], expected, self.dtype, step)
             for key in RECORD_KEYS:
                 checks["drift"].add(plain[step][key], expected[key], f"{key} after step {step} without freeze")
-        saved.update(_saved("plain", plain))
+        saved.update(_saved("plain", plain, convention))
 
 
 def fine_tuning_cases(dtypes: Sequence[str], devices: Sequence[str]) -> List[FineTuningCase]:
@@ -414,29 +414,45 @@ def _require_drift(before: Record, after: Record, dtype: str, step: int) -> None
             )
 
 
-def _saved(prefix: str, records: List[Record]) -> Dict[str, np.ndarray]:
-    """Arrays for the cross-backend comparison: the trajectory of every array, one stacked array per key.
-    The non-frozen BatchNorms' running variance depends on the framework's convention (unbiased in torch
-    and MindSpore, biased in Flax), so it is left out of the comparison between frameworks."""
+def _depends_on_the_variance_convention(prefix: str, key: str) -> bool:
+    """Whether a record's array, from step 1 on, depends on how a training BatchNorm updates its running
+    variance (torch and MindSpore: unbiased, Flax: biased). Parameters and running means never do: a
+    training-mode forward normalizes with the batch's own statistics. Running variances and the eval
+    outputs that read them do, except the frozen bn1's and the backbone's before ``unfreeze``."""
+    if key.endswith("running_var") or key in OUTPUTS:
+        frozen_part = prefix == "frozen" and (key.startswith(FROZEN_LAYER) or key == "backbone_eval")
+        return not frozen_part
+    return False
+
+
+def _saved(prefix: str, records: List[Record], convention: str) -> Dict[str, np.ndarray]:
+    """Arrays for the cross-backend comparison: each key's trajectory, one stacked array per key. What
+    depends on the running-variance convention is saved under a name that carries it, so only
+    backends of the same convention compare it (the report compares the names both runs have); the
+    frozen bn1 and backbone, identical in every convention until ``unfreeze``, are saved both ways."""
+    variance = CONVENTIONS[convention].running_var
     out = {}
     for key in RECORD_KEYS:
-        kept = records
-        if key.endswith("running_var"):
-            if prefix != "frozen" or not key.startswith(FROZEN_LAYER):
-                continue
-            kept = records[: FROZEN_STEPS + 1]  # frozen: the same in every convention until unfreeze
-        out[saved_name(prefix, key)] = np.stack([record[key] for record in kept])
+        trajectory = np.stack([record[key] for record in records])
+        if _depends_on_the_variance_convention(prefix, key):
+            out[saved_name(prefix, key, variance)] = trajectory
+            continue
+        if key.endswith("running_var") or key in OUTPUTS:  # the frozen part: the same until unfreeze
+            out[saved_name(prefix, key, variance)] = trajectory
+            trajectory = trajectory[: FROZEN_STEPS + 1]
+        out[saved_name(prefix, key)] = trajectory
     return out
 
 
-def saved_name(prefix: str, key: str) -> str:
-    return f"finetune_{prefix}_{key}"
+def saved_name(prefix: str, key: str, variance: str = "") -> str:
+    """``finetune_<run>_<key>``, with ``@<unbiased|biased>`` for what depends on the variance convention."""
+    return f"finetune_{prefix}_{key}" + (f"@{variance}" if variance else "")
 
 
 #: saved array -> quantity, for the cross-backend comparison
 SAVED_QUANTITY = {
-    saved_name(prefix, key): "training"
+    saved_name(prefix, key, variance): "training"
     for prefix in ("frozen", "plain")
     for key in RECORD_KEYS
-    if not key.endswith("running_var") or (prefix == "frozen" and key.startswith(FROZEN_LAYER))
+    for variance in ("", "unbiased", "biased")
 }
