@@ -663,3 +663,37 @@ def test_linen_freeze_inside_setup_and_compact_keeps_paths_and_only_the_modules_
         assert not np.array_equal(
             _at(updates["batch_stats"], free_path)["mean"], _at(variables["batch_stats"], free_path)["mean"]
         )
+
+
+def test_xnorm_convert_works_on_frozen_models_both_ways():
+    """A torch checkpoint loads into a frozen NNX model (its frozen scale and bias are FrozenParam, not
+    nnx.Param), and the frozen NNX model converts back into a frozen torch model, values unchanged."""
+    import torch
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    source = TorchNet()
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(tensor.numel())))
+    model = xnorm.freeze(Net(nnx.Rngs(0)))
+    xnorm.convert(source.state_dict(), to="flax", like=model, load=True)
+    assert xnorm.is_frozen(model)
+    np.testing.assert_array_equal(np.asarray(model.bn.scale[...]), source.bn.weight.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(model.bn.var[...]), source.bn.running_var.numpy())
+    target = xnorm.freeze(TorchNet())
+    xnorm.convert(model, to="torch", like=target, load=True)
+    assert xnorm.is_frozen(target)
+    for key, value in source.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue  # no Flax counterpart: zero-filled into a torch target
+        assert torch.equal(target.state_dict()[key], value), key

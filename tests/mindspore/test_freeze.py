@@ -575,3 +575,35 @@ def test_the_docs_example_runs():
         pytest.skip("docs/freeze.md has no MindSpore example yet")
     for number, code in enumerate(blocks):
         exec(compile(code, f"docs/freeze.md (MindSpore python block {number})", "exec"), {})
+
+
+def test_xnorm_convert_works_on_frozen_models_both_ways():
+    """A torch checkpoint loads strictly into a frozen MindSpore model and converts back into a frozen torch
+    model, values unchanged; both stay frozen."""
+    import torch
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    source = TorchNet()
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(tensor.numel())))
+    model = nn.SequentialCell([nn.Conv2d(3, 4, 3, pad_mode="valid", has_bias=True), nn.BatchNorm2d(4)])
+    xnorm.freeze(model)
+    converted = xnorm.convert({f"{'0' if k.startswith('conv') else '1'}.{k.split('.', 1)[1]}": v
+                               for k, v in source.state_dict().items()}, to="mindspore", like=model, load=True)
+    assert converted and xnorm.is_frozen(model)
+    np.testing.assert_array_equal(model[1].gamma.asnumpy(), source.bn.weight.detach().numpy())
+    np.testing.assert_array_equal(model[1].moving_variance.asnumpy(), source.bn.running_var.numpy())
+    target = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    xnorm.freeze(target)
+    xnorm.convert(model, to="torch", like=target, load=True)
+    assert xnorm.is_frozen(target)
+    np.testing.assert_array_equal(target[1].running_mean.numpy(), source.bn.running_mean.numpy())
+    np.testing.assert_array_equal(target[0].weight.detach().numpy(), source.conv.weight.detach().numpy())
