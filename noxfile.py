@@ -134,3 +134,23 @@ def bench(session):
     for backend in BACKENDS:
         session.notify(f"bench-{backend}", session.posargs)
     session.notify("bench-report")
+
+
+for _backend in BACKENDS:
+
+    @nox.session(name=f"fuzz-{_backend}")
+    def fuzz_backend(session, backend=_backend):
+        """The backend's fuzzed agreement tests with the large budget (tests/fuzz_strategies.py); a failure is
+        saved, shrunk, under tests/fuzz-examples/, and CI replays it once that folder is committed."""
+        _install(session, backend)
+        core = ["tests/core/test_fuzz_layouts.py"] if backend == "torch" else []
+        session.run("pytest", *core, f"tests/{backend}/test_fuzz.py", "-q", *session.posargs,
+                    env={"XNORM_FUZZ_PROFILE": "large"})
+
+
+@nox.session
+def fuzz(session):
+    """Every backend's fuzzed agreement tests with the large budget, each in its own environment:
+    `nox -s fuzz` (not in the test or report tags; CI runs the same tests with a small fixed budget)."""
+    for backend in BACKENDS:
+        session.notify(f"fuzz-{backend}", session.posargs)
