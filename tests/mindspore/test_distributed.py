@@ -77,22 +77,33 @@ class Processes:
         return process
 
     def wait(self, deadline: float) -> None:
-        for name, process in self.started:
-            try:
-                code = process.wait(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{name} still running after {TIMEOUT} s\n{self.logs()}")
-            assert code == 0, f"{name} exited with {code}\n{self.logs()}"
+        """Until every process has exited; the first failure ends the wait at once, because the other ranks
+        would otherwise sit in their next collective until the deadline."""
+        while True:
+            codes = {name: process.poll() for name, process in self.started}
+            failed = {name: code for name, code in codes.items() if code not in (None, 0)}
+            assert not failed, f"exited with {failed}\n{self.logs()}"
+            if all(code == 0 for code in codes.values()):
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"still running after {TIMEOUT} s: {[n for n, c in codes.items() if c is None]}\n"
+                            f"{self.logs()}")
+            time.sleep(0.5)
 
     def kill(self) -> None:
+        # the whole session, also when its leader is gone: msrun's scheduler and workers may outlive it
         for _, process in self.started:
-            if process.poll() is None:
+            try:
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            except ProcessLookupError:
+                pass
+            process.wait()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name}.log\n{(self.folder / f'{name}.log').read_text()[-2500:]}"
-                         for name, _ in self.started)
+        # msrun's own output names the failure; the ranks' tracebacks are in the logs it keeps
+        files = [self.folder / f"{name}.log" for name, _ in self.started]
+        files += sorted((self.folder / "msrun-logs").glob("*.log"))
+        return "\n".join(f"--- {path.name}\n{path.read_text()[-2500:]}" for path in files)
 
 
 def _by_environment(folder: Path, mode: str, processes: Processes, deadline: float) -> None:
