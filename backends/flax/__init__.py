@@ -39,6 +39,10 @@ with ``w`` through ``Module.apply``; the NNX wrapper keeps its own copies of the
 and, on each call, builds a throw-away layer from the layer's ``GraphDef`` with ``w`` as its kernel
 (:class:`NNXLayerCopy`). The spectral-norm wrappers work the same way, with ``<name>_orig`` and the
 state ``<name>_u``, ``<name>_v`` instead of g and v.
+
+Partitioning: every tensor derived from the weight carries the weight's sharding annotation (NNX
+``out_sharding`` metadata, linen ``nn.Partitioned`` boxes) mapped to its own axes, so sharding rules
+written for the plain layer apply to the wrapped one (:mod:`.partitioning`).
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ from xnorm.spec import (
     WeightNorm,
     check_floating,
 )
+
+from . import partitioning
 
 __all__ = [
     "FlaxBackend",
@@ -225,7 +231,7 @@ def linen_initial_params(
             f"{layer_type} has no parameter {name!r} (it has: {', '.join(params) or 'none'}). "
             "Pass name= with one of these."
         )
-    _check_weight(params[name], f"parameter {name!r} of {layer_type}")
+    _check_weight(partitioning.unbox(params[name]), f"parameter {name!r} of {layer_type}")
     return params
 
 
@@ -268,15 +274,17 @@ class LinenWeightNorm(nn.Module):
         g_name, v_name = _names(self._spec(), self.param_name)
         if not self.has_variable("params", v_name) and self.is_mutable_collection("params"):
             initial = linen_initial_params(self, template, args, kwargs)
-            weight = initial[self.param_name]
+            boxed = initial[self.param_name]
+            weight = partitioning.unbox(boxed)
             _, axes, keep = _resolve(self.layer, self.param_name, self._spec(), weight.ndim)
             g0 = _init_g(weight, axes, keep, self.eps)
-            initial = _replace_entry(initial, self.param_name, {g_name: g0, v_name: weight})
+            g0 = partitioning.linen_boxed(boxed, g0, partitioning.kept_axes(axes, keep))
+            initial = _replace_entry(initial, self.param_name, {g_name: g0, v_name: boxed})
             values = {key: self.param(key, lambda _, value=value: value) for key, value in initial.items()}
         else:
             # self.param would re-run an init function under eval_shape to check shapes; there is none
-            # to run here, so the existing variables are read directly.
-            values = dict(self.variables.get("params", {}))
+            # to run here, so the existing variables are read directly (unboxed: nn.Partitioned...).
+            values = partitioning.unbox(dict(self.variables.get("params", {})))
             if g_name not in values or v_name not in values:
                 raise MissingParameterError(
                     f"no params {g_name!r}/{v_name!r} at {'/'.join(self.scope.path) or 'the top level'}; "
@@ -308,11 +316,11 @@ def linen_weight(module: nn.Module, variables: Mapping[str, Any]):
         return linen_orthogonal_weight(module, variables)
     if not isinstance(module, LinenWeightNorm):
         raise api._not_wrapped(module)
-    params = _wrapped_params(module, variables)
+    params = partitioning.unbox(dict(_wrapped_params(module, variables)))
     g_name, v_name = _names(module._spec(), module.param_name)
-    v = params[v_name]
+    v = jnp.asarray(params[v_name])
     _, axes, keep = _resolve(module.layer, module.param_name, module._spec(), v.ndim)
-    return _materialize(params[g_name], v, axes, keep, module.eps)
+    return _materialize(jnp.asarray(params[g_name]), v, axes, keep, module.eps)
 
 
 def _wrapped_params(module: LinenWeightNorm, variables: Any) -> Mapping[str, Any]:
@@ -342,12 +350,18 @@ class NNXLayerCopy(nnx.Module):
     def _layer_with(self, weight, *, share: bool) -> nnx.Module:
         """A layer built from the wrapped layer's ``GraphDef`` whose parameter holds ``weight``. With
         ``share`` its other variables are the wrapper's own (state the layer updates lands in the
-        wrapper); without, copies (a plain layer of its own)."""
+        wrapper); without, copies (a plain layer of its own) and a weight carrying the metadata of the
+        wrapper's tensor in the weight's layout (attribute ``_xnorm_layout``: v, or ``<name>_orig``), so a
+        removed layer keeps its partitioning."""
         variables = {key: getattr(self, key) for key in self._xnorm_others}
         if not share:
             variables = {key: value.copy() for key, value in variables.items()}
-        # A fresh Param holds w: the wrapped layer's own kernel is never written (flax issue 5576).
-        variables[self._xnorm_name] = nnx.Param(weight)
+            variables[self._xnorm_name] = partitioning.nnx_variable(
+                getattr(self, self._xnorm_layout), weight, nnx.Param
+            )
+        else:
+            # A fresh Param holds w: the wrapped layer's own kernel is never written (flax issue 5576).
+            variables[self._xnorm_name] = nnx.Param(weight)
         return nnx.merge(self._xnorm_graphdef, nnx.State(variables))
 
 
@@ -379,8 +393,11 @@ class NNXWeightNorm(NNXLayerCopy):
         self._xnorm_eps = spec.eps
         self._xnorm_layer_type = type(layer)
         self._xnorm_others = tuple(key for key in state if key != name)
-        setattr(self, g_name, nnx.Param(_init_g(weight, axes, keep, spec.eps)))
-        setattr(self, v_name, nnx.Param(weight))
+        self._xnorm_layout = v_name
+        kernel = state[name]
+        g0 = _init_g(weight, axes, keep, spec.eps)
+        setattr(self, g_name, partitioning.nnx_variable(kernel, g0, nnx.Param, partitioning.kept_axes(axes, keep)))
+        setattr(self, v_name, partitioning.nnx_variable(kernel, weight, nnx.Param))
         for key in self._xnorm_others:
             setattr(self, key, state[key])
 
@@ -552,7 +569,7 @@ class FlaxBackend(Backend):
                 f"the variables have no parameter {name!r} (they have: {', '.join(params) or 'none'}). "
                 "Pass name= with one of these."
             )
-        weight = params[name]
+        weight = partitioning.unbox(params[name])
         _check_weight(weight, f"parameter {name!r}")
         weight = jnp.asarray(weight)
         if ndim is not None and weight.ndim != ndim:
@@ -576,8 +593,10 @@ class FlaxBackend(Backend):
             return self._make_linen(layer, spec, name), wrapped_variables
         g_name, v_name = _names(spec, name)
         _, axes, keep = _resolve(layer, name, spec, weight.ndim)
-        g0 = _init_g(weight, axes, keep, spec.eps)
-        new_params = _same_mapping_type(params, _replace_entry(params, name, {g_name: g0, v_name: weight}))
+        g0 = partitioning.linen_boxed(params[name], _init_g(weight, axes, keep, spec.eps),
+                                      partitioning.kept_axes(axes, keep))
+        v0 = partitioning.linen_boxed(params[name], weight)
+        new_params = _same_mapping_type(params, _replace_entry(params, name, {g_name: g0, v_name: v0}))
         wrapper = self._make_linen(layer, spec, name, fused)
         return wrapper, _same_mapping_type(variables, {"params": new_params})
 
@@ -704,7 +723,7 @@ class FlaxBackend(Backend):
             )
         params = _wrapped_params(module, variables)
         g_name, v_name = _names(module._spec(), module.param_name)
-        w = linen_weight(module, variables)
+        w = partitioning.linen_reboxed(params[v_name], linen_weight(module, variables))
         plain = dict(_replace_entry({k: v for k, v in params.items() if k != v_name}, g_name, {module.param_name: w}))
         out = {key: value for key, value in variables.items() if key != "params"}
         out["params"] = _same_mapping_type(params, plain)

@@ -59,7 +59,7 @@ from flax import nnx
 from xnorm.errors import MissingParameterError, OptionError
 from xnorm.spec import Orthogonal
 
-from . import NNXLayerCopy, _replace_entry, _same_mapping_type, linen_initial_params, storage_layout
+from . import NNXLayerCopy, _replace_entry, _same_mapping_type, linen_initial_params, partitioning, storage_layout
 from .spectral import STATE_COLLECTION, _work_dtype, draw_key, plain_linen_variables
 
 __all__ = [
@@ -136,6 +136,14 @@ def _map(X, orthogonal_map: str):
 
 
 def orthogonal_weight(original, base, perm: Tuple[int, ...], orthogonal_map: str):
+    """:func:`_orthogonal_weight`, with Explicit mesh axes made Auto for it (:func:`.partitioning.auto_axes_call`)."""
+    return partitioning.auto_axes_call(
+        lambda original, base: _orthogonal_weight(original, base, perm, orthogonal_map),
+        (original, base), original, (None,),
+    )
+
+
+def _orthogonal_weight(original, base, perm: Tuple[int, ...], orthogonal_map: str):
     """``w`` in Flax's storage layout and the weight's dtype, from ``original`` (storage layout) and
     ``base`` (canonical, or None without trivialization); computed in the compute dtype."""
     work = _work_dtype(original.dtype)
@@ -182,8 +190,22 @@ def needs_draw(spec: Orthogonal, shape: Tuple[int, ...]) -> bool:
     return spec.use_trivialization and shape[-1] != shape[-2]
 
 
+def register(weight, key, perm: Tuple[int, ...], orthogonal_map: str, use_trivialization: bool,
+             base_names: partitioning.Mapping = None):
+    """:func:`_register`, with Explicit mesh axes made Auto for it (:func:`.partitioning.auto_axes_call`);
+    ``base_names`` is :func:`base_partitioning` of the weight (needed only when it is sharded that way)."""
+    def run(weight, key):
+        return _register(weight, key, perm, orthogonal_map, use_trivialization)
+
+    if not use_trivialization:  # no base: one output
+        original = partitioning.auto_axes_call(lambda weight, key: run(weight, key)[0], (weight, key), weight, (None,))
+        return original, None
+    base_names = base_names or (lambda names: ())
+    return partitioning.auto_axes_call(run, (weight, key), weight, (None, base_names))
+
+
 @functools.partial(jax.jit, static_argnames=("perm", "orthogonal_map", "use_trivialization"))
-def register(weight, key, perm: Tuple[int, ...], orthogonal_map: str, use_trivialization: bool):
+def _register(weight, key, perm: Tuple[int, ...], orthogonal_map: str, use_trivialization: bool):
     """``(original, base)`` after registering ``weight`` (storage layout): ``original`` in storage layout
     and the weight's dtype, ``base`` canonical in the compute dtype (None without trivialization).
     ``key`` draws the completion of a non-square weight (None where :func:`needs_draw` is False)."""
@@ -226,6 +248,19 @@ def completion_key(spec: Orthogonal, shape: Tuple[int, ...], rngs: Any) -> Optio
             f"rngs must be an nnx.Rngs, a JAX key (jax.random.key(0)) or an int seed, got {type(rngs).__name__}: "
             "the orthogonal parametrization draws the columns completing a non-square weight from it."
         ) from None
+
+
+def base_partitioning(layer: Any, name: str, shape: Tuple[int, ...]) -> partitioning.Mapping:
+    """How ``<name>_base`` takes the partitioning names of a weight Flax stores with ``shape``
+    (:mod:`.partitioning`): its batch axes those of the canonical batch axes, its rows those of the
+    larger matrix axis (the one ``base @ Q`` produces, so w's rows stay where the weight had them)."""
+    layout = storage_layout(layer, name, len(shape))
+    canonical = layout.canonical_shape(shape)
+    rank = len(shape)
+    rows = rank - 2 if canonical[-2] >= canonical[-1] else rank - 1
+    return partitioning.orthogonal_base(
+        [layout.storage_axis(axis) for axis in range(rank - 2)], layout.storage_axis(rows)
+    )
 
 
 def _names(spec: Orthogonal, name: str) -> Tuple[str, str]:
@@ -277,19 +312,23 @@ class LinenOrthogonal(nn.Module):
         template = self.layer.clone()  # unbound: it reads w from us, never from a scope of its own
         if not self.has_variable("params", original) and self.is_mutable_collection("params"):
             initial = linen_initial_params(self, template, args, kwargs)
-            weight = initial[self.param_name]
+            boxed = initial[self.param_name]
+            weight = partitioning.unbox(boxed)
             shape = canonical_shape(self.layer, self.param_name, weight.shape)
             orthogonal_map = spec.resolved_map(shape)  # DimError for a 1-D weight
             perm = layout_perm(self.layer, self.param_name, weight.ndim)
             draw = self.make_rng("params") if needs_draw(spec, shape) else None
-            original0, base0 = register(weight, draw, perm, orthogonal_map, spec.use_trivialization)
+            base_names = base_partitioning(self.layer, self.param_name, weight.shape)
+            original0, base0 = register(weight, draw, perm, orthogonal_map, spec.use_trivialization, base_names)
+            original0 = partitioning.linen_boxed(boxed, original0)
             initial = _replace_entry(initial, self.param_name, {original: original0})
             values = {key: self.param(key, lambda _, value=value: value) for key, value in initial.items()}
             if base0 is not None:
+                base0 = partitioning.linen_boxed(boxed, base0, base_names)
                 self.variable(STATE_COLLECTION, base_name, lambda: base0)
         else:
             # Read directly: self.param would re-run an init function under eval_shape (there is none).
-            values = dict(self.variables.get("params", {}))
+            values = partitioning.unbox(dict(self.variables.get("params", {})))
             if original not in values:
                 raise MissingParameterError(
                     f"no param {original!r} at {self._path()}; pass the variables this wrapper's init returned "
@@ -303,7 +342,7 @@ class LinenOrthogonal(nn.Module):
                     f"no {STATE_COLLECTION} {base_name!r} at {self._path()}: the orthogonal parametrization's base "
                     f"lives in '{STATE_COLLECTION}'. Pass every collection init returned, not only 'params'."
                 )
-            base = self.get_variable(STATE_COLLECTION, base_name)
+            base = partitioning.unbox(self.get_variable(STATE_COLLECTION, base_name))
         perm = layout_perm(self.layer, self.param_name, weight.ndim)
         orthogonal_map = spec.resolved_map(canonical_shape(self.layer, self.param_name, weight.shape))
         values[self.param_name] = orthogonal_weight(weight, base, perm, orthogonal_map)
@@ -329,8 +368,8 @@ def linen_orthogonal_weight(module: LinenOrthogonal, variables: Any):
             f"the variables given have no {STATE_COLLECTION} {base_name!r}: pass every collection the wrapper's "
             "init returned, not only 'params'."
         )
-    weight = jnp.asarray(params[original])
-    base = jnp.asarray(stats[base_name]) if spec.use_trivialization else None
+    weight = jnp.asarray(partitioning.unbox(params[original]))
+    base = jnp.asarray(partitioning.unbox(stats[base_name])) if spec.use_trivialization else None
     perm = layout_perm(module.layer, module.param_name, weight.ndim)
     orthogonal_map = spec.resolved_map(canonical_shape(module.layer, module.param_name, weight.shape))
     return orthogonal_weight(weight, base, perm, orthogonal_map)
@@ -343,15 +382,18 @@ def wrapped_linen_variables(
     ``batch_stats`` with ``<name>_base``. The caller has checked ``variables`` (params only, a floating
     weight, no reparametrization); this checks the rank and ``rngs`` before computing anything."""
     params = variables["params"]
-    weight = jnp.asarray(params[name])
+    boxed = params[name]
+    weight = jnp.asarray(partitioning.unbox(boxed))
     shape = canonical_shape(layer, name, weight.shape)
     orthogonal_map = spec.resolved_map(shape)
     key = completion_key(spec, shape, rngs)
     original0, base0 = register(weight, key, layout_perm(layer, name, weight.ndim), orthogonal_map,
-                                spec.use_trivialization)
+                                spec.use_trivialization, base_partitioning(layer, name, weight.shape))
     original, base_name = _names(spec, name)
+    original0 = partitioning.linen_boxed(boxed, original0)
     out: Dict[str, Any] = {"params": _same_mapping_type(params, _replace_entry(params, name, {original: original0}))}
     if base0 is not None:
+        base0 = partitioning.linen_boxed(boxed, base0, base_partitioning(layer, name, weight.shape))
         out[STATE_COLLECTION] = _same_mapping_type(params, {base_name: base0})
     return _same_mapping_type(variables, out)
 
@@ -389,10 +431,14 @@ class NNXOrthogonal(NNXLayerCopy):
         self._xnorm_perm = layout_perm(layer, name, weight.ndim)
         self._xnorm_layer_type = type(layer)
         self._xnorm_others = tuple(other for other in state if other != name)
-        original0, base0 = register(weight, key, self._xnorm_perm, self._xnorm_map, spec.use_trivialization)
-        setattr(self, original, nnx.Param(original0))
+        self._xnorm_layout = original
+        original0, base0 = register(weight, key, self._xnorm_perm, self._xnorm_map, spec.use_trivialization,
+                                    base_partitioning(layer, name, weight.shape))
+        kernel = state[name]
+        setattr(self, original, partitioning.nnx_variable(kernel, original0, nnx.Param))
         if base0 is not None:
-            setattr(self, base_name, nnx.BatchStat(base0))
+            base_names = base_partitioning(layer, name, weight.shape)
+            setattr(self, base_name, partitioning.nnx_variable(kernel, base0, nnx.BatchStat, base_names))
         for other in self._xnorm_others:
             setattr(self, other, state[other])
 

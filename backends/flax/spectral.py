@@ -59,6 +59,7 @@ from . import (
     _replace_entry,
     _same_mapping_type,
     linen_initial_params,
+    partitioning,
     storage_layout,
 )
 
@@ -119,6 +120,16 @@ def _iterate(matrix, u, v, iterations: int, eps: float):
 
 
 def spectral_weight(weight, u, v, axes: Tuple[int, ...], eps: float, iterations: int):
+    """:func:`_spectral_weight`, with Explicit mesh axes made Auto for it (:func:`.partitioning.auto_axes_call`)."""
+    if weight.ndim == 1:
+        return _spectral_weight(weight, u, v, axes, eps, iterations)
+    return partitioning.auto_axes_call(
+        lambda weight, u, v: _spectral_weight(weight, u, v, axes, eps, iterations),
+        (weight, u, v), weight, (None, *state_partitioning(axes)),
+    )
+
+
+def _spectral_weight(weight, u, v, axes: Tuple[int, ...], eps: float, iterations: int):
     """One use of a spectral-normed weight: ``(w, u, v)`` after ``iterations`` power iterations.
 
     ``weight`` is W in Flax's storage layout; ``u`` (h) and ``v`` (w) are the stored state in the
@@ -138,8 +149,15 @@ def spectral_weight(weight, u, v, axes: Tuple[int, ...], eps: float, iterations:
     return (weight.astype(work) / sigma).astype(weight.dtype), u, v
 
 
-@functools.partial(jax.jit, static_argnames=("axes", "eps"))
 def initial_state(weight, key, axes: Tuple[int, ...], eps: float):
+    """:func:`_initial_state`, with Explicit mesh axes made Auto for it (:func:`.partitioning.auto_axes_call`)."""
+    return partitioning.auto_axes_call(
+        lambda weight, key: _initial_state(weight, key, axes, eps), (weight, key), weight, state_partitioning(axes)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "eps"))
+def _initial_state(weight, key, axes: Tuple[int, ...], eps: float):
     """``(u, v)`` right after wrapping a weight of rank > 1: N(0, 1) draws from ``key`` (u from its
     first split, v from its second), normalized, then ``SPECTRAL_INIT_ITERATIONS`` iterations."""
     matrix = _matrix(weight, axes)
@@ -168,6 +186,12 @@ def draw_key(rngs: Any) -> jax.Array:
         f"rngs must be an nnx.Rngs, a JAX key (jax.random.key(0)) or an int seed, got {type(rngs).__name__}: "
         "spectral norm draws its initial u and v from it."
     )
+
+
+def state_partitioning(axes: Tuple[int, ...]) -> Tuple[partitioning.Mapping, partitioning.Mapping]:
+    """How u and v take the weight's partitioning names (:mod:`.partitioning`): u one entry per slice
+    along ``dim``, v the other axes flattened in :func:`matrix_axes` order."""
+    return partitioning.one_axis(axes[0]), partitioning.flattened_axes(axes[1:])
 
 
 def _state_names(spec: SpectralNorm, name: str) -> Tuple[str, str, str]:
@@ -231,17 +255,21 @@ class LinenSpectralNorm(nn.Module):
         template = self.layer.clone()  # unbound: it reads w from us, never from a scope of its own
         if not self.has_variable("params", original) and self.is_mutable_collection("params"):
             initial = linen_initial_params(self, template, args, kwargs)
-            weight = initial[self.param_name]
+            boxed = initial[self.param_name]
+            weight = partitioning.unbox(boxed)
             axes = matrix_axes(self.layer, self.param_name, spec, weight.ndim)
-            initial = _replace_entry(initial, self.param_name, {original: weight})
+            initial = _replace_entry(initial, self.param_name, {original: boxed})
             values = {key: self.param(key, lambda _, value=value: value) for key, value in initial.items()}
             if weight.ndim > 1:
                 u0, v0 = initial_state(weight, self.make_rng("params"), axes, self.eps)
+                u_names, v_names = state_partitioning(axes)
+                u0 = partitioning.linen_boxed(boxed, u0, u_names)
+                v0 = partitioning.linen_boxed(boxed, v0, v_names)
                 self.variable(STATE_COLLECTION, u_name, lambda: u0)
                 self.variable(STATE_COLLECTION, v_name, lambda: v0)
         else:
             # Read directly: self.param would re-run an init function under eval_shape (there is none).
-            values = dict(self.variables.get("params", {}))
+            values = partitioning.unbox(dict(self.variables.get("params", {})))
             if original not in values:
                 raise MissingParameterError(
                     f"no param {original!r} at {self._path()}; pass the variables this wrapper's init returned "
@@ -262,13 +290,15 @@ class LinenSpectralNorm(nn.Module):
                     f"mutable: pass mutable=['{STATE_COLLECTION}'] and keep the state it returns, or "
                     "update_stats=False for an eval-mode use."
                 )
-            u = self.get_variable(STATE_COLLECTION, u_name)
-            v = self.get_variable(STATE_COLLECTION, v_name)
+            u = partitioning.unbox(self.get_variable(STATE_COLLECTION, u_name))
+            v = partitioning.unbox(self.get_variable(STATE_COLLECTION, v_name))
         iterations = self.n_power_iterations if update_stats else 0
         w, u, v = spectral_weight(weight, u, v, axes, self.eps, iterations)
         if update_stats and weight.ndim > 1:
-            self.put_variable(STATE_COLLECTION, u_name, u)
-            self.put_variable(STATE_COLLECTION, v_name, v)
+            # into the box they were stored in, so their partitioning survives training steps
+            for key, value in ((u_name, u), (v_name, v)):
+                stored = self.get_variable(STATE_COLLECTION, key)
+                self.put_variable(STATE_COLLECTION, key, partitioning.linen_reboxed(stored, value))
         values[self.param_name] = w
         return template.apply({"params": values}, *args, **kwargs)
 
@@ -286,7 +316,8 @@ def _linen_collections(module: LinenSpectralNorm, variables: Any) -> Tuple[Mappi
             f"(what its init returned, params and {STATE_COLLECTION})."
         )
     stats = variables.get(STATE_COLLECTION, {})
-    if jnp.ndim(params[original]) > 1 and not (isinstance(stats, Mapping) and u_name in stats and v_name in stats):
+    has_state = isinstance(stats, Mapping) and u_name in stats and v_name in stats
+    if jnp.ndim(partitioning.unbox(params[original])) > 1 and not has_state:
         raise MissingParameterError(
             f"the variables given have no {STATE_COLLECTION} {u_name!r}/{v_name!r}: pass every collection the "
             "wrapper's init returned, not only 'params'."
@@ -297,6 +328,7 @@ def _linen_collections(module: LinenSpectralNorm, variables: Any) -> Tuple[Mappi
 def _linen_use(module: LinenSpectralNorm, variables: Any, update_stats: bool):
     """``(w, u, v, params, batch_stats)`` for one use of the wrapper outside ``apply``."""
     params, stats = _linen_collections(module, variables)
+    params, stats = partitioning.unbox(dict(params)), partitioning.unbox(dict(stats))
     original, u_name, v_name = _state_names(module._spec(), module.param_name)
     weight = jnp.asarray(params[original])
     axes = matrix_axes(module.layer, module.param_name, module._spec(), weight.ndim)
@@ -318,12 +350,15 @@ def wrapped_linen_variables(
     ``<name>_orig`` (same value), and for a weight of rank > 1 ``batch_stats`` with u and v drawn from
     ``key``. The caller has checked ``variables`` (params only, a floating weight, no reparametrization)."""
     params = variables["params"]
-    weight = jnp.asarray(params[name])
+    boxed = params[name]
+    weight = jnp.asarray(partitioning.unbox(boxed))
     original, u_name, v_name = _state_names(spec, name)
     axes = matrix_axes(layer, name, spec, weight.ndim)
-    out: Dict[str, Any] = {"params": _same_mapping_type(params, _replace_entry(params, name, {original: weight}))}
+    out: Dict[str, Any] = {"params": _same_mapping_type(params, _replace_entry(params, name, {original: boxed}))}
     if weight.ndim > 1:
         u, v = initial_state(weight, key, axes, spec.eps)
+        u_names, v_names = state_partitioning(axes)
+        u, v = partitioning.linen_boxed(boxed, u, u_names), partitioning.linen_boxed(boxed, v, v_names)
         out[STATE_COLLECTION] = _same_mapping_type(params, {u_name: u, v_name: v})
     return _same_mapping_type(variables, out)
 
@@ -346,7 +381,9 @@ def plain_linen_variables(module: nn.Module, variables: Any, w, original: str,
     out: Dict[str, Any] = {}
     for collection, values in variables.items():
         if collection == "params":
-            out["params"] = _same_mapping_type(values, _replace_entry(values, original, {module.param_name: w}))
+            # w in the box of <name>_orig (the weight's layout): the plain kernel gets its partitioning back
+            w_boxed = partitioning.linen_reboxed(values[original], w)
+            out["params"] = _same_mapping_type(values, _replace_entry(values, original, {module.param_name: w_boxed}))
         elif collection == STATE_COLLECTION:
             rest = {key: value for key, value in values.items() if key not in state_names}
             if rest:
@@ -383,12 +420,15 @@ class NNXSpectralNorm(NNXLayerCopy):
         self._xnorm_axes = matrix_axes(layer, name, spec, weight.ndim)
         self._xnorm_layer_type = type(layer)
         self._xnorm_others = tuple(other for other in state if other != name)
+        self._xnorm_layout = original
         self.use_running_average = False
-        setattr(self, original, nnx.Param(weight))
+        kernel = state[name]
+        setattr(self, original, partitioning.nnx_variable(kernel, weight, nnx.Param))
         if weight.ndim > 1:
             u, v = initial_state(weight, key, self._xnorm_axes, spec.eps)
-            setattr(self, u_name, nnx.BatchStat(u))
-            setattr(self, v_name, nnx.BatchStat(v))
+            u_names, v_names = state_partitioning(self._xnorm_axes)
+            setattr(self, u_name, partitioning.nnx_variable(kernel, u, nnx.BatchStat, u_names))
+            setattr(self, v_name, partitioning.nnx_variable(kernel, v, nnx.BatchStat, v_names))
         for other in self._xnorm_others:
             setattr(self, other, state[other])
 
