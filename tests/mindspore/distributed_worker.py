@@ -33,11 +33,12 @@ LR = 0.1
 BATCH = 8  # the whole batch; each of the two ranks takes half
 
 
-def build_model() -> nn.Cell:
-    """Every reparametrization xnorm has, in one small model. Every rank must start from the same values:
-    the weights come from a seeded NumPy generator, and the draws of the wrappers themselves (spectral
-    norm's u and v, the orthogonal completion) from NumPy's global RNG, seeded here."""
-    rng = np.random.default_rng(0)
+def build_model(seed: int = 0) -> nn.Cell:
+    """Every reparametrization xnorm has, in one small model. Every rank must start from the same values
+    (unless parameters are broadcast): the weights come from a NumPy generator, and the draws of the
+    wrappers themselves (spectral norm's u and v, the orthogonal completion) from NumPy's global RNG, both
+    seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
     layers = [
         nn.Conv1d(3, 6, 3, pad_mode="valid", has_bias=True),
         nn.Conv1d(6, 6, 3, pad_mode="valid", has_bias=True),
@@ -49,7 +50,7 @@ def build_model() -> nn.Cell:
         for param in layer.get_parameters():
             scale = 0.5 if param.ndim > 1 else 0.1
             param.set_data(Tensor((scale * rng.standard_normal(param.shape)).astype(np.float32)))
-    np.random.seed(0)
+    np.random.seed(seed)
     return nn.SequentialCell(
         xnorm.weight_norm(layers[0]),
         nn.Tanh(),
@@ -101,6 +102,8 @@ SCENARIOS = {
     "functional-gan": ("gan", "functional"),
     # nn.TrainOneStepCell, which builds its DistributedGradReducer from the auto-parallel context
     "train-one-step-supervised": ("supervised", "train-one-step"),
+    # each rank builds its model from its own seed, and parameter_broadcast=True asks for rank 0's values
+    "train-one-step-broadcast": ("supervised", "train-one-step-broadcast"),
 }
 
 
@@ -108,7 +111,7 @@ def train(model: nn.Cell, loss: str, how: str, rank: int, world: int) -> None:
     """STEPS SGD steps; rank r takes rows r * BATCH / world ... of each batch (world 1: all of them)."""
     net = LOSSES[loss](model)
     optimizer = nn.SGD(model.trainable_params(), learning_rate=LR)
-    if how == "train-one-step":
+    if how.startswith("train-one-step"):
         step = nn.TrainOneStepCell(net, optimizer)
         step.set_train()
     else:
@@ -152,13 +155,19 @@ def main(out_dir: str, mode: str) -> None:
         np.savez(os.path.join(out_dir, "initial.npz"), **state(build_model()))
     for name, (loss, how) in SCENARIOS.items():
         path = os.path.join(out_dir, f"{mode}-{name}-{tag}")
+        broadcast = how.endswith("broadcast") and distributed
         try:
-            model = build_model()
+            model = build_model(seed=rank if broadcast else 0)
+            if broadcast:
+                ms.set_auto_parallel_context(parameter_broadcast=True)
             train(model, loss, how, rank, world)
             np.savez(path + ".npz", **state(model))
         except Exception as error:  # the test reports it with the scenario's name
             with open(path + ".error", "w") as file:
                 file.write(f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=6)}")
+        finally:
+            if broadcast:
+                ms.set_auto_parallel_context(parameter_broadcast=False)
 
 
 if __name__ == "__main__":

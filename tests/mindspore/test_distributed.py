@@ -185,6 +185,13 @@ def test_every_rank_holds_the_same_values_and_they_equal_one_process_on_the_whol
     results = [_load(folder / f"{mode}-{scenario}-rank{rank}.npz") for rank in range(WORLD)]
     first = results[0]
     assert set(STATE) <= first.keys(), f"{scenario}: the state is missing from {sorted(first)}"
+    if scenario.endswith("broadcast") and mode == "pynative":
+        # measured with MindSpore 2.10: the broadcast is made where a Cell is compiled into a graph
+        # (mindspore/graph/api.py), so in PYNATIVE_MODE each rank keeps what its own seed drew. Should this
+        # fail, PYNATIVE_MODE broadcasts now: docs/distributed.md says it does not.
+        same = sorted(key for key in first if np.array_equal(first[key], results[1][key]))
+        assert same == ["6.weight_orig"], f"PYNATIVE_MODE broadcast {same}"  # -I on every rank
+        return
     for rank, result in enumerate(results[1:], 1):
         assert result.keys() == first.keys()
         for key, value in result.items():
