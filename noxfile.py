@@ -158,3 +158,30 @@ def fuzz(session):
     `nox -s fuzz` (not in the test or report tags; CI runs the same tests with a small fixed budget)."""
     for backend in BACKENDS:
         session.notify(f"fuzz-{backend}", session.posargs)
+
+
+#: each backend's tests of training on several processes or devices (docs/distributed.md); they also run in
+#: tests-<backend>, with everything else
+DISTRIBUTED_TESTS = {
+    "torch": ["tests/torch/test_distributed.py"],
+    "mindspore": ["tests/mindspore/test_distributed.py"],
+    "flax": [],
+}
+
+for _backend in BACKENDS:
+
+    @nox.session(name=f"distributed-{_backend}")
+    def distributed_backend(session, backend=_backend):
+        """The backend's multi-process / multi-device tests alone."""
+        if not DISTRIBUTED_TESTS[backend]:
+            session.error(f"{backend} has no distributed tests yet (docs/distributed.md)")
+        _install(session, backend)
+        session.run("pytest", *DISTRIBUTED_TESTS[backend], "-q", *session.posargs)
+
+
+@nox.session
+def distributed(session):
+    """Every backend's distributed tests, each in its own environment: `nox -s distributed`."""
+    for backend in BACKENDS:
+        if DISTRIBUTED_TESTS[backend]:
+            session.notify(f"distributed-{backend}", session.posargs)
