@@ -165,7 +165,7 @@ def fuzz(session):
 DISTRIBUTED_TESTS = {
     "torch": ["tests/torch/test_distributed.py"],
     "mindspore": ["tests/mindspore/test_distributed.py"],
-    "flax": [],
+    "flax": ["tests/flax/test_sharding.py", "tests/flax/test_partitioning.py"],
 }
 
 for _backend in BACKENDS:
