@@ -197,71 +197,9 @@ class TorchAdapter(Adapter):
         return fresh
 
     def fine_tune(self, run: fine_tuning.FineTuningRun) -> List[Dict[str, np.ndarray]]:
-        dtype = _DTYPES[run.dtype]
-        momentum, eps = run.framework_settings("torch")
-        channels = fine_tuning.CHANNELS
-        backbone = nn.Sequential(
-            nn.Conv2d(fine_tuning.IN_CHANNELS, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels, eps=eps, momentum=momentum),
-            nn.ReLU(),
-        )
-        model = nn.Sequential(
-            backbone,
-            nn.Conv2d(channels, channels, 1),
-            nn.BatchNorm2d(channels, eps=eps, momentum=momentum),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(channels, fine_tuning.CLASSES),
-        ).to(self._device, dtype)
-        # neutral name -> torch's; state_dict keys hold parameters and running statistics alike
-        names = {"conv1": "0.0", "bn1": "0.1", "conv2": "1", "bn2": "2", "fc": "6"}
+        from .torch_fine_tuning import fine_tune  # it builds on this module
 
-        def torch_key(key: str) -> str:
-            layer, _, tensor = key.partition(".")
-            return f"{names[layer]}.{tensor}"
-
-        state = model.state_dict()
-        with torch.no_grad():
-            for key, value in run.weights.items():
-                state[torch_key(key)].copy_(self._tensor(value, dtype))
-        model.train()
-        backbone[0].requires_grad_(False)  # the user's own freezing of the backbone's convolution
-        if run.freeze:
-            xnorm.freeze(model, layers=lambda name, layer: name == names[fine_tuning.FROZEN_LAYER])
-
-        def new_optimizer():
-            return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=run.lr)
-
-        test_x = self._tensor(run.test_x, dtype)
-
-        def record() -> Dict[str, np.ndarray]:
-            model.eval()
-            with torch.no_grad():
-                out = {key: _to_numpy(state[torch_key(key)]) for key in run.weights}
-                out["backbone_eval"] = _to_numpy(backbone(test_x))
-                out["output_eval"] = _to_numpy(model(test_x))
-            model.train()
-            return out
-
-        def step(optimizer, batch) -> None:
-            model.train()  # what undoes a hand-made bn.eval(), every epoch
-            optimizer.zero_grad()
-            y = model(self._tensor(batch[0], dtype))
-            (0.5 * ((y - self._tensor(batch[1], dtype)) ** 2).mean()).backward()
-            optimizer.step()
-
-        optimizer = new_optimizer()
-        records = [record()]
-        for batch in run.batches[: fine_tuning.FROZEN_STEPS]:
-            step(optimizer, batch)
-            records.append(record())
-        if run.freeze:
-            xnorm.unfreeze(model)
-            optimizer = new_optimizer()  # bn1's scale and shift train again: the old optimizer lacks them
-        step(optimizer, run.batches[fine_tuning.FROZEN_STEPS])
-        records.append(record())
-        return records
+        return fine_tune(run, self._device)
 
 
 class TorchFusedAdapter(TorchAdapter):
