@@ -113,6 +113,8 @@ class Limits:
     transpose_groups: bool = True
     output_padding_within_padding: bool = False
     max_spatial_3d: int = 4
+    #: the group counts to draw from (repeats weigh them)
+    groups: Tuple[int, ...] = (1, 1, 2, 3)
     #: any further rule of the framework's layers: a predicate on the drawn LayerCase
     accept: Optional[Callable[[LayerCase], bool]] = None
 
@@ -132,7 +134,7 @@ def _label(kind, weight_shape, input_shape, bias, stride=(), padding=(), dilatio
 def _conv(draw, kind: str, limits: Limits) -> LayerCase:
     n = LayerKind.spatial_dims(kind)
     transpose = kind in LayerKind.CONV_TRANSPOSE
-    groups = draw(st.sampled_from((1, 1, 2, 3))) if (limits.transpose_groups or not transpose) else 1
+    groups = draw(st.sampled_from(limits.groups)) if (limits.transpose_groups or not transpose) else 1
     in_per_group = draw(st.integers(1, 3))
     out_per_group = draw(st.integers(1, 3))
     kernel = tuple(draw(st.integers(1, 3)) for _ in range(n))
@@ -272,13 +274,15 @@ WEIGHT_NORM_EPS = (None, None, 0.0, 1e-12, 1e-3, 0.25)
 
 
 @st.composite
-def _weight_norm(draw, layer: LayerCase, dtypes: Sequence[str], fused: bool, fused_nan_bug: Optional[str]
+def _weight_norm(draw, layer: LayerCase, dtypes: Sequence[str], fused: Optional[bool], fused_nan_bug: Optional[str]
                  ) -> FuzzCase:
+    """``fused``: None draws it, True or False fixes it."""
     ndim = len(layer.weight_shape)
-    dim = draw(st.sampled_from(_all_dims(ndim)))
+    # every valid dim, the channel axes (where the fused path scales instead of building w) twice as often
+    dim = draw(st.one_of(st.sampled_from((0, 1, None)), st.sampled_from(_all_dims(ndim))))
     eps = draw(st.sampled_from(WEIGHT_NORM_EPS))
     dtype = draw(st.sampled_from(tuple(dtypes)))
-    is_fused = draw(st.booleans()) if fused else False
+    is_fused = draw(st.booleans()) if fused is None else fused
     zero_slice = None
     resolved = normalize_dim(dim, ndim)
     if resolved is not None and draw(st.integers(0, 4)) == 0:
@@ -303,8 +307,14 @@ def _orthogonal(draw, layer: LayerCase, dtypes: Sequence[str]) -> FuzzCase:
     return FuzzCase(Case(layer, None, draw(st.sampled_from(tuple(dtypes))), "cpu", options))
 
 
-#: the dtypes of the orthogonal parametrization's spec (its maps are matrix functions in the weight's dtype)
-ORTHOGONAL_DTYPES = ("float32", "float64")
+#: The dtypes the orthogonal parametrization is fuzzed in. Its spec also has float32 (the maps are matrix
+#: functions computed in the weight's dtype), but torch's own float32 matrix_exp, which xnorm's torch backend
+#: reproduces bit for bit, misses the float32 weight tolerance on some weights (ORTHOGONAL_FLOAT32, pinned by
+#: a strict xfail in tests/torch/test_fuzz.py): that row was measured on the catalogue's four layers only and
+#: needs measuring for the orthogonal maps before float32 can be fuzzed against it.
+ORTHOGONAL_DTYPES = ("float64",)
+ORTHOGONAL_FLOAT32 = FuzzCase(Case(LayerCase("linear-w1x2-i1x2-g1-nobias-r0", "linear", (1, 2), (1, 2), bias=False),
+                                   None, "float32", "cpu", Orthogonal("matrix_exp", use_trivialization=False)))
 
 
 def fuzz_cases(
@@ -325,13 +335,29 @@ def fuzz_cases(
         allowed = tuple(dtypes_for(layer)) if dtypes_for else tuple(dtypes)
         options = []
         if "weight_norm" in reparametrizations:
-            options.append(_weight_norm(layer, allowed, fused, fused_nan_bug))
+            options.append(_weight_norm(layer, allowed, None if fused else False, fused_nan_bug))
         if "spectral_norm" in reparametrizations:
             options.append(_spectral_norm(layer, allowed))
         orthogonal_dtypes = tuple(d for d in allowed if d in ORTHOGONAL_DTYPES)
         if "orthogonal" in reparametrizations and orthogonal_dtypes:
             options.append(_orthogonal(layer, orthogonal_dtypes))
         return st.one_of(*options)
+
+    return layer_cases(limits).flatmap(for_layer)
+
+
+def fused_cases(
+    *, dtypes: Sequence[str] = ("float32", "float64"), limits: Limits = Limits(), dtypes_for=None,
+    fused_nan_bug: Optional[str] = None,
+) -> st.SearchStrategy[FuzzCase]:
+    """Weight norm with ``fused=True`` only, grouped layers more often: the fused path's algebra (which side
+    the scale goes to, its tiling over groups) is where it can go wrong, and in :func:`fuzz_cases` a fused
+    grouped layer with ``dim=1`` is one example in a hundred."""
+    limits = dataclasses.replace(limits, groups=(1, 2, 3))
+
+    def for_layer(layer: LayerCase):
+        allowed = tuple(dtypes_for(layer)) if dtypes_for else tuple(dtypes)
+        return _weight_norm(layer, allowed, True, fused_nan_bug)
 
     return layer_cases(limits).flatmap(for_layer)
 
@@ -351,6 +377,10 @@ def _weight_norm_init(example: FuzzCase, weight: np.ndarray) -> Tuple[np.ndarray
     return reference.init(weight, spec.dim, eps=spec.eps)
 
 
+#: the learning rate of the step that moves g away from ||v|| (large: the point is to move them apart)
+STEP_LR = 0.5
+
+
 def _expected_output(adapter, layer: LayerCase, w_ref: np.ndarray, bias, x, dtype: str) -> np.ndarray:
     """The layer's output for the reference weight: the float64 reference, or, when that weight holds NaN
     (a zero slice without eps), the framework's own plain layer holding it. Frameworks differ there (torch
@@ -361,11 +391,13 @@ def _expected_output(adapter, layer: LayerCase, w_ref: np.ndarray, bias, x, dtyp
     return adapter.forward(adapter.build(layer, w_ref, bias, dtype), x, training=False)
 
 
-def check_lifecycle(adapter, example: FuzzCase) -> None:
+def check_lifecycle(adapter, example: FuzzCase, *, step: bool = True) -> None:
     """Build, wrap, observe, remove one layer through ``adapter`` and check every step against the float64
     reference: the plain layer's output; the tensors and state right after wrapping; the wrapped weight;
     the output (weight norm: also against the plain layer's, since wrapping must not change it; spectral
-    norm: an eval-mode and a training-mode use); ``remove``'s plain layer, its weight and output."""
+    norm: an eval-mode and a training-mode use); the weight and output again after one optimizer step;
+    ``remove``'s plain layer, its weight and output. ``step=False`` leaves the step out (a framework
+    whose optimizer kernel rejects the dtype)."""
     case, layer, dtype = example.case, example.case.layer, example.case.dtype
     spec = example.spec
     data = example.arrays()
@@ -409,6 +441,23 @@ def check_lifecycle(adapter, example: FuzzCase) -> None:
         for key, value in adapter.state(wrapped).items():
             _close(value, state_ref[key], dtype, "weight", f"{key} after a training-mode use", example)
         state = adapter.state(wrapped)
+
+    if step and np.all(np.isfinite(w_ref)):
+        # Right after wrapping g == ||v||, so weight norm's scale g / ||v|| is 1 in every slice and a fused path
+        # that applies it to the wrong channels still gives the right output. One optimizer step moves g and v
+        # apart; the weight and the output must then follow the reference formula from the stepped tensors.
+        # (Whether the step itself is right is the conformance catalogue's gradient and training check.)
+        wrapped = adapter.sgd_step(wrapped, x, data["target"], STEP_LR)
+        tensors, state = adapter.parameters(wrapped), adapter.state(wrapped)
+        if isinstance(spec, WeightNorm):
+            w_ref = reference.weight_norm(tensors["g"], tensors["v"], spec.dim, eps=spec.eps)
+        else:
+            w_ref = oracle.weight(tensors, state)
+        _close(adapter.weight(wrapped), w_ref, dtype, "weight", "wrapped weight after a step", example)
+        bias = tensors.get("bias")
+        _close(adapter.forward(wrapped, x, training=False), reference_layers.forward(layer, w_ref, bias, x), dtype,
+               "forward", "wrapped output (eval) after a step", example)
+
     # remove runs in training mode: one more training-mode use (spectral norm iterates once more)
     if not isinstance(spec, WeightNorm):
         w_ref, _ = oracle.training_call(tensors, state)

@@ -32,10 +32,16 @@ LIMITS = fz.Limits(transpose_groups=False)
 APIS = st.sampled_from(("linen", "nnx"))
 
 
-@fz.fuzz(ci=35, large=1000)
+@fz.fuzz(ci=20, large=1000)
 @given(fz.fuzz_cases(dtypes=LinenAdapter.dtypes, limits=LIMITS, fused_nan_bug=FUSED_OUTPUT), APIS)
 def test_wrap_agrees_with_the_reference_and_remove_restores(example, api):
     fz.check_lifecycle(ADAPTERS[(api, example.fused)], example)
+
+
+@fz.fuzz(ci=12, large=400)
+@given(fz.fused_cases(dtypes=LinenAdapter.dtypes, limits=LIMITS, fused_nan_bug=FUSED_OUTPUT), APIS)
+def test_fused_agrees_with_the_reference(example, api):
+    fz.check_lifecycle(ADAPTERS[(api, True)], example)
 
 
 @pytest.mark.xfail(strict=True, reason=fz.FUSED_ZERO_SLICE_BUG)

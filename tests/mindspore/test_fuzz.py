@@ -63,10 +63,21 @@ def _dtypes_for(layer):
     return ("float32", "float64") if layer.kind in (LayerKind.LINEAR, LayerKind.EMBEDDING) else ("float32",)
 
 
-@fz.fuzz(ci=60, large=1200)
+def _can_step(example) -> bool:
+    """MindSpore 2.10's CPU SGD kernel takes float16 and float32 parameters only."""
+    return example.case.dtype != "float64"
+
+
+@fz.fuzz(ci=35, large=1200)
 @given(fz.fuzz_cases(limits=LIMITS, dtypes_for=_dtypes_for, fused_nan_bug=FUSED_OUTPUT))
 def test_wrap_agrees_with_the_reference_and_remove_restores(example):
-    fz.check_lifecycle(FUSED if example.fused else PLAIN, example)
+    fz.check_lifecycle(FUSED if example.fused else PLAIN, example, step=_can_step(example))
+
+
+@fz.fuzz(ci=25, large=600)
+@given(fz.fused_cases(limits=LIMITS, dtypes_for=_dtypes_for, fused_nan_bug=FUSED_OUTPUT))
+def test_fused_agrees_with_the_reference(example):
+    fz.check_lifecycle(FUSED, example, step=_can_step(example))
 
 
 @pytest.mark.xfail(strict=True, reason=fz.FUSED_ZERO_SLICE_BUG)
@@ -74,7 +85,7 @@ def test_fused_zero_slice_of_a_padded_conv_is_nan_like_the_plain_layer():
     fz.check_lifecycle(FUSED, fz.FUSED_ZERO_SLICE_OUTPUT)
 
 
-@fz.fuzz(ci=30, large=600)
+@fz.fuzz(ci=20, large=600)
 @given(fz.fuzz_cases(limits=LIMITS, dtypes_for=_dtypes_for))
 def test_convert_from_torch_and_back_is_bit_exact(example):
     """torch state dict -> xnorm.convert -> the MindSpore Cell (values checked in the canonical layout against

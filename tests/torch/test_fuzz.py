@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.nn.utils import parametrizations
 
 import xnorm
 from xnorm.conformance import layers
@@ -43,15 +44,34 @@ def _dtypes_for(layer):
     return DTYPES if layer.kind in BFLOAT16_KINDS else tuple(d for d in DTYPES if d != "bfloat16")
 
 
-@fz.fuzz(ci=300, large=6000)
+@fz.fuzz(ci=250, large=6000)
 @given(fz.fuzz_cases(dtypes_for=_dtypes_for, fused_nan_bug=FUSED_INPUT))
 def test_wrap_agrees_with_the_reference_and_remove_restores(example):
     fz.check_lifecycle(FUSED if example.fused else PLAIN, example)
 
 
+@fz.fuzz(ci=120, large=3000)
+@given(fz.fused_cases(dtypes_for=_dtypes_for, fused_nan_bug=FUSED_INPUT))
+def test_fused_agrees_with_the_reference(example):
+    fz.check_lifecycle(FUSED, example)
+
+
 @pytest.mark.xfail(strict=True, reason=fz.FUSED_ZERO_SLICE_BUG)
 def test_fused_zero_slice_of_a_padded_conv_is_nan_like_the_plain_layer():
     fz.check_lifecycle(FUSED, fz.FUSED_ZERO_SLICE_INPUT)
+
+
+@pytest.mark.xfail(strict=True, reason="torch's float32 matrix_exp (parametrizations.orthogonal, which xnorm "
+                   "matches bit for bit) misses the float32 weight tolerance on this 1x2 weight: 1.43e-5 off the "
+                   "float64 reference, 1.35x the allowed error; the table's float32 row was not measured for the "
+                   "orthogonal maps")
+def test_orthogonal_float32_matrix_exp_within_the_weight_tolerance():
+    example = fz.ORTHOGONAL_FLOAT32
+    native = PLAIN.build(example.case.layer, example.arrays()["weight"], None, "float32")
+    parametrizations.orthogonal(native, orthogonal_map="matrix_exp", use_trivialization=False)
+    ours = xnorm.wrap(PLAIN.build(example.case.layer, example.arrays()["weight"], None, "float32"), example.spec)
+    assert torch.equal(ours.weight, native.weight), "xnorm departs from torch's own orthogonal parametrization"
+    fz.check_lifecycle(PLAIN, example)
 
 
 TORCH_BFLOAT16_CONV2D = LayerCase(
@@ -103,7 +123,7 @@ def _back_to_torch(framework: str, kind: str, converted: dict, like: dict) -> di
     return out
 
 
-@fz.fuzz(ci=200, large=4000)
+@fz.fuzz(ci=150, large=4000)
 @given(fz.fuzz_cases(dtypes=("float32", "float64")), st.sampled_from(("mindspore", "flax")))
 def test_state_dict_to_each_frameworks_names_and_layouts_and_back_is_bit_exact(example, framework):
     """In the torch environment neither MindSpore nor Flax is installed, so the conversion is checked on
