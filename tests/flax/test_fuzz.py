@@ -23,6 +23,8 @@ from xnorm.spec import FUSED_OUTPUT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fuzz_strategies.py, shared by the three backends
 import fuzz_strategies as fz  # noqa: E402
+# off the path again: tests/ on it makes tests/mindspore/, tests/flax/ look like installed frameworks
+sys.path.remove(str(Path(__file__).resolve().parents[1]))
 
 ADAPTERS = {("linen", False): LinenAdapter(), ("linen", True): LinenFusedAdapter(),
             ("nnx", False): NNXAdapter(), ("nnx", True): NNXFusedAdapter()}

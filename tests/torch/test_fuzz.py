@@ -29,6 +29,8 @@ from xnorm.spec import FUSED_INPUT, SpectralNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fuzz_strategies.py, shared by the three backends
 import fuzz_strategies as fz  # noqa: E402
+# off the path again: tests/ on it makes tests/mindspore/, tests/flax/ look like installed frameworks
+sys.path.remove(str(Path(__file__).resolve().parents[1]))
 
 PLAIN, FUSED = TorchAdapter(), TorchFusedAdapter()
 # float16 is not offered: its tolerance row was never measured for torch's CPU kernels (docs/torch.md)
