@@ -45,7 +45,6 @@ from xnorm.spec import (
     Orthogonal,
     SpectralNorm,
     WeightNorm,
-    fused_scale_side,
     normalize_dim,
 )
 
@@ -245,27 +244,27 @@ def _all_dims(ndim: int) -> Tuple[Optional[int], ...]:
     return (None,) + tuple(range(-ndim, ndim))
 
 
-def fused_nan_differs(layer: LayerCase, dim: int, side: Optional[str]) -> bool:
-    """Whether ``fused=True`` with a zero slice and no eps (w = 0/0 = NaN) meets the known bug
-    :data:`FUSED_ZERO_SLICE_BUG` in a backend whose fused path departs on ``side`` (None: no such bug)."""
-    return side is not None and layer.kind in LayerKind.CONV + LayerKind.CONV_TRANSPOSE and (
-        fused_scale_side(layer.kind, dim) == side)
-
-
 def _zero_slice_conv(dim: int) -> FuzzCase:
     layer = LayerCase("conv1d-w1x1x1-i1x1x1-p1-nobias", "conv1d", (1, 1, 1), (1, 1, 1), bias=False, stride=(1,),
                       padding=(1,), dilation=(1,), output_padding=(0,))
     return FuzzCase(Case(layer, dim, "float32", "cpu", WeightNorm()), fused=True, zero_slice=0)
 
 
-#: The minimal examples of :data:`FUSED_ZERO_SLICE_BUG` (the fuzzer's finds, shrunk): Conv1d(1, 1, 1, padding=1)
+#: Minimal examples of :data:`FUSED_ZERO_SLICE_BUG` (the fuzzer's finds, shrunk): Conv1d(1, 1, 1, padding=1)
 #: with a zero weight and fused=True; torch departs with dim=1 (the input side), Flax and MindSpore with dim=0.
+#: torch also departs on the output side where no input reaches an output (a strided ConvTranspose1d, dim=1).
 FUSED_ZERO_SLICE_INPUT, FUSED_ZERO_SLICE_OUTPUT = _zero_slice_conv(1), _zero_slice_conv(0)
+FUSED_ZERO_SLICE_GAPS = FuzzCase(
+    Case(LayerCase("conv_transpose1d-w1x1x1-i1x1x2-s2-nobias", "conv_transpose1d", (1, 1, 1), (1, 1, 2), bias=False,
+                   stride=(2,), padding=(0,), dilation=(1,), output_padding=(0,)), 1, "float32", "cpu", WeightNorm()),
+    fused=True, zero_slice=0,
+)
 FUSED_ZERO_SLICE_BUG = (
     "fused=True, a zero slice without eps (w = 0/0 = NaN), a padded conv: the output's NaNs differ from "
     "fused=False and from the framework's own layer holding w. torch (whose conv multiplies padding by w: NaN "
     "everywhere) scales the input by NaN before padding for dim=1, giving 0 at outputs that read only padding; "
-    "XLA and MindSpore (whose convs skip padding taps: 0 there) scale the output by NaN for dim=0, giving NaN there"
+    "XLA and MindSpore (whose convs skip padding taps: 0 there) scale the output by NaN for dim=0, giving NaN "
+    "there; the same wherever an output reads no weight (a strided transposed conv's gaps)"
 )
 
 
@@ -274,7 +273,7 @@ WEIGHT_NORM_EPS = (None, None, 0.0, 1e-12, 1e-3, 0.25)
 
 
 @st.composite
-def _weight_norm(draw, layer: LayerCase, dtypes: Sequence[str], fused: Optional[bool], fused_nan_bug: Optional[str]
+def _weight_norm(draw, layer: LayerCase, dtypes: Sequence[str], fused: Optional[bool], fused_nan_bug: bool
                  ) -> FuzzCase:
     """``fused``: None draws it, True or False fixes it."""
     ndim = len(layer.weight_shape)
@@ -287,7 +286,7 @@ def _weight_norm(draw, layer: LayerCase, dtypes: Sequence[str], fused: Optional[
     resolved = normalize_dim(dim, ndim)
     if resolved is not None and draw(st.integers(0, 4)) == 0:
         zero_slice = draw(st.integers(0, layer.weight_shape[resolved] - 1))
-        if is_fused and eps is None and fused_nan_differs(layer, resolved, fused_nan_bug):
+        if is_fused and not eps and fused_nan_bug:  # eps None or 0: w = 0/0 there
             is_fused = False  # a known bug, pinned by the backend's test_fused_zero_slice_* (strict xfail)
     return FuzzCase(Case(layer, dim, dtype, "cpu", WeightNorm(eps=eps)), is_fused, zero_slice)
 
@@ -324,12 +323,12 @@ def fuzz_cases(
     limits: Limits = Limits(),
     fused: bool = True,
     dtypes_for=None,
-    fused_nan_bug: Optional[str] = None,
+    fused_nan_bug: bool = True,
 ) -> st.SearchStrategy[FuzzCase]:
     """Examples for one backend. ``dtypes_for(layer)`` may narrow ``dtypes`` per layer (MindSpore's CPU
     convolutions have no float64); ``fused`` draws ``fused=True`` for weight norm too; ``fused_nan_bug``
-    (the fused side, :data:`~xnorm.spec.FUSED_INPUT` or ``FUSED_OUTPUT``, where the backend has
-    :data:`FUSED_ZERO_SLICE_BUG`) steers clear of that bug (the backend's strict xfail pins it)."""
+    steers clear of :data:`FUSED_ZERO_SLICE_BUG` (every backend has it; its strict xfails pin it) by drawing
+    no fused layer with a zero slice and no (or a zero) eps."""
 
     def for_layer(layer: LayerCase):
         allowed = tuple(dtypes_for(layer)) if dtypes_for else tuple(dtypes)
@@ -348,7 +347,7 @@ def fuzz_cases(
 
 def fused_cases(
     *, dtypes: Sequence[str] = ("float32", "float64"), limits: Limits = Limits(), dtypes_for=None,
-    fused_nan_bug: Optional[str] = None,
+    fused_nan_bug: bool = True,
 ) -> st.SearchStrategy[FuzzCase]:
     """Weight norm with ``fused=True`` only, grouped layers more often: the fused path's algebra (which side
     the scale goes to, its tiling over groups) is where it can go wrong, and in :func:`fuzz_cases` a fused

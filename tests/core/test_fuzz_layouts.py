@@ -24,6 +24,7 @@ from xnorm.spec import REPARAMETRIZATIONS, LayerKind, StorageLayout, normalize_d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fuzz_strategies.py, shared by every test folder
 import fuzz_strategies as fz  # noqa: E402
+
 # off the path again: tests/ on it makes tests/mindspore/, tests/flax/ look like installed frameworks
 sys.path.remove(str(Path(__file__).resolve().parents[1]))
 
