@@ -85,9 +85,12 @@ def budget(ci: int, large: int):
     """
 
     def decorate(test):
-        test = settings(settings.get_profile(PROFILE), max_examples=ci if PROFILE == "ci" else large)(test)
-        # a fixed seed, not derandomize: derandomize forces database=None, which would drop the replays
-        return seed(CI_SEED)(test) if PROFILE == "ci" else test
+        # A fixed seed, not derandomize (which forces database=None and would drop the replays). @seed also
+        # sets database=None on the settings it finds, so it goes first and the profile's settings, with
+        # the database, replace them.
+        if PROFILE == "ci":
+            test = seed(CI_SEED)(test)
+        return settings(settings.get_profile(PROFILE), max_examples=ci if PROFILE == "ci" else large)(test)
 
     return decorate
 
