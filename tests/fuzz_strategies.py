@@ -287,10 +287,11 @@ def _weight_norm(draw, layer: LayerCase, dtypes: Sequence[str], fused: Optional[
     is_fused = draw(st.booleans()) if fused is None else fused
     zero_slice = None
     resolved = normalize_dim(dim, ndim)
-    if resolved is not None and draw(st.integers(0, 4)) == 0:
+    # eps None or 0 makes the zero slice 0/0 = NaN, where fused=True meets a known bug (pinned by the
+    # backends' test_fused_zero_slice_* strict xfails): no zero slice for it then
+    nan_bug = is_fused and not eps and fused_nan_bug
+    if resolved is not None and not nan_bug and draw(st.integers(0, 4)) == 0:
         zero_slice = draw(st.integers(0, layer.weight_shape[resolved] - 1))
-        if is_fused and not eps and fused_nan_bug:  # eps None or 0: w = 0/0 there
-            is_fused = False  # a known bug, pinned by the backend's test_fused_zero_slice_* (strict xfail)
     return FuzzCase(Case(layer, dim, dtype, "cpu", WeightNorm(eps=eps)), is_fused, zero_slice)
 
 
@@ -331,7 +332,7 @@ def fuzz_cases(
     """Examples for one backend. ``dtypes_for(layer)`` may narrow ``dtypes`` per layer (MindSpore's CPU
     convolutions have no float64); ``fused`` draws ``fused=True`` for weight norm too; ``fused_nan_bug``
     steers clear of :data:`FUSED_ZERO_SLICE_BUG` (every backend has it; its strict xfails pin it) by drawing
-    no fused layer with a zero slice and no (or a zero) eps."""
+    no zero slice for a fused layer without (or with a zero) eps."""
 
     def for_layer(layer: LayerCase):
         allowed = tuple(dtypes_for(layer)) if dtypes_for else tuple(dtypes)
