@@ -210,17 +210,35 @@ def _show(layers: Any) -> str:
     return getattr(layers, "__name__", repr(layers))
 
 
+#: How many times ms_memory_recycle is retried when MindSpore's own loop trips over its cache changing.
+_RECYCLE_ATTEMPTS = 5
+
+
 def _drop_compiled_graphs(obj: nn.Cell) -> None:
-    """Make every graph that may have read the old ``use_batch_statistics`` compile again on its next
-    call: ``obj``'s own (new compile keys) and those of Cells and jit functions outside it."""
+    """Make every graph that may have read ``use_batch_statistics`` compile again on its next call:
+    ``obj``'s own (new compile keys) and those of Cells and jit functions outside it. Called before the
+    flags change (nothing runs in between), so that a failure here leaves the model as it was.
+
+    MindSpore 2.10's ``ms_memory_recycle`` iterates its per-Cell graph cache while clearing entries, and
+    clearing one can free a Cell whose destructor removes its own entry: "RuntimeError: dictionary changed
+    size during iteration" (seen in a full test run with many models alive). Each pass clears what it
+    reached, so the call is repeated until one pass completes."""
     from . import _force_recompile  # the package imports this module
 
+    for attempt in range(1, _RECYCLE_ATTEMPTS + 1):
+        try:
+            mindspore.ms_memory_recycle()
+            break
+        except RuntimeError as error:
+            if "changed size during iteration" not in str(error) or attempt == _RECYCLE_ATTEMPTS:
+                raise
     _force_recompile(obj)
-    mindspore.ms_memory_recycle()
 
 
 def freeze(obj: nn.Cell, *, affine: bool, layers: Optional[Any]) -> nn.Cell:
-    for cell in _plan(obj, layers):
+    selected = _plan(obj, layers)
+    _drop_compiled_graphs(obj)
+    for cell in selected:
         changed = {}
         if affine:
             for pname in ("gamma", "beta"):
@@ -230,7 +248,6 @@ def freeze(obj: nn.Cell, *, affine: bool, layers: Optional[Any]) -> nn.Cell:
                     param.requires_grad = False
         object.__setattr__(cell, _STATE, FrozenState(cell.use_batch_statistics, changed))
         cell.use_batch_statistics = False
-    _drop_compiled_graphs(obj)
     return obj
 
 
@@ -241,13 +258,13 @@ def unfreeze(obj: nn.Cell) -> nn.Cell:
             f"nothing in {type(obj).__name__} was frozen by xnorm.freeze, so there is nothing to unfreeze. "
             "Pass the model (or layer) you gave xnorm.freeze."
         )
+    _drop_compiled_graphs(obj)
     for cell in targets.values():
         state: FrozenState = cell.__dict__[_STATE]
         for pname, requires_grad in state.requires_grad.items():
             cell._params[pname].requires_grad = requires_grad
         cell.use_batch_statistics = state.use_batch_statistics
         object.__delattr__(cell, _STATE)
-    _drop_compiled_graphs(obj)
     return obj
 
 

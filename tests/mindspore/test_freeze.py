@@ -607,3 +607,37 @@ def test_xnorm_convert_works_on_frozen_models_both_ways():
     assert xnorm.is_frozen(target)
     np.testing.assert_array_equal(target[1].running_mean.numpy(), source.bn.running_mean.numpy())
     np.testing.assert_array_equal(target[0].weight.detach().numpy(), source.conv.weight.detach().numpy())
+
+
+def test_freeze_survives_mindspores_recycle_tripping_over_its_own_cache(monkeypatch):
+    """MindSpore 2.10's ms_memory_recycle can raise "dictionary changed size during iteration" when clearing a
+    graph frees a Cell whose destructor drops its cache entry (seen in a full test run): freeze and unfreeze
+    call it again, and any other error leaves the model untouched."""
+    import mindspore
+
+    real = mindspore.ms_memory_recycle
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("dictionary changed size during iteration")
+        real()
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    model = nn.SequentialCell([nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)])
+    monkeypatch.setattr(mindspore, "ms_memory_recycle", flaky)
+    xnorm.freeze(model)
+    assert len(calls) == 2 and xnorm.is_frozen(model) and model[1].use_batch_statistics is False
+
+    def broken():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(mindspore, "ms_memory_recycle", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        xnorm.unfreeze(model)
+    assert xnorm.is_frozen(model) and model[1].use_batch_statistics is False  # nothing undone
+    plain = nn.SequentialCell([nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)])
+    with pytest.raises(RuntimeError, match="device lost"):
+        xnorm.freeze(plain)
+    assert not xnorm.is_frozen(plain) and plain[1].use_batch_statistics is None and plain[1].gamma.requires_grad
