@@ -89,7 +89,8 @@ for _backend in BACKENDS:
         # xnorm imports no framework", the README's per-framework lines), except the CLI's own machinery,
         # which runs NumPy adapters only and takes minutes: once, in the torch session.
         core = ["tests/core"] if backend == "torch" else ["tests/core", "--ignore=tests/core/test_conformance_cli.py"]
-        session.run("pytest", *core, f"tests/{backend}", "-q")
+        # -m "not extended": the extra launchers and modes of the distributed tests (nox -s distributed)
+        session.run("pytest", *core, f"tests/{backend}", "-q", "-m", "not extended")
         session.run("xnorm", "conformance", "--backend", backend, "--results-dir", RESULTS, *_device_args(session))
 
     @nox.session(name=f"conformance-{_backend}", tags=["report"])
