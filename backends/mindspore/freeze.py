@@ -210,8 +210,9 @@ def _show(layers: Any) -> str:
     return getattr(layers, "__name__", repr(layers))
 
 
-#: How many times ms_memory_recycle is retried when MindSpore's own loop trips over its cache changing.
-_RECYCLE_ATTEMPTS = 5
+#: An upper bound on ms_memory_recycle's passes (see _drop_compiled_graphs); each pass that trips has
+#: emptied at least one Cell's graph cache, so a process would need this many compiled Cells to reach it.
+_RECYCLE_ATTEMPTS = 10_000
 
 
 def _drop_compiled_graphs(obj: nn.Cell) -> None:
@@ -219,10 +220,11 @@ def _drop_compiled_graphs(obj: nn.Cell) -> None:
     ``obj``'s own (new compile keys) and those of Cells and jit functions outside it. Called before the
     flags change (nothing runs in between), so that a failure here leaves the model as it was.
 
-    MindSpore 2.10's ``ms_memory_recycle`` iterates its per-Cell graph cache while clearing entries, and
-    clearing one can free a Cell whose destructor removes its own entry: "RuntimeError: dictionary changed
-    size during iteration" (seen in a full test run with many models alive). Each pass clears what it
-    reached, so the call is repeated until one pass completes."""
+    MindSpore 2.10's ``ms_memory_recycle`` iterates its per-Cell graph cache while clearing entries; a
+    cleared graph can hold the last reference to a Cell, whose ``__del__`` removes that Cell's entry:
+    "RuntimeError: dictionary changed size during iteration" (seen in full test runs with many models
+    alive, several times in a row). The entry being cleared when that happens has been cleared, and later
+    passes skip empty caches, so every pass gets further: the call is repeated until one completes."""
     from . import _force_recompile  # the package imports this module
 
     for attempt in range(1, _RECYCLE_ATTEMPTS + 1):
