@@ -219,7 +219,7 @@ class FineTuningCase:
             checks["frozen_state" if _is_frozen(key) else "fine_tuning"].add(
                 first[key], run.weights[key], f"{key} as built (record 0)"
             )
-        reference_first = reference_eval(first, self.dtype)
+        reference_first = reference_eval(first, run)
         for key in OUTPUTS:
             checks["fine_tuning"].add(first[key], reference_first[key], f"{key} before training")
         for step in range(1, FROZEN_STEPS + 1):
@@ -330,11 +330,10 @@ def _pointwise(weight, bias, x):
     return np.einsum("oi,nihw->nohw", weight[:, :, 0, 0], x) + bias[None, :, None, None]
 
 
-def reference_eval(record: Record, dtype: str) -> Record:
-    """The two eval-mode outputs on the test batch for the arrays of ``record``: ``{"backbone_eval",
-    "output_eval"}``. The test batch is the case's (it depends on the dtype only)."""
-    test_x = FineTuningCase(dtype, "cpu").run(freeze=True).test_x
-    return _eval_outputs(_as64(record), np.asarray(test_x, np.float64))
+def reference_eval(record: Record, run: FineTuningRun) -> Record:
+    """The two eval-mode outputs on ``run``'s test batch for the arrays of ``record``: ``{"backbone_eval",
+    "output_eval"}``."""
+    return _eval_outputs(_as64(record), np.asarray(run.test_x, np.float64))
 
 
 def _conv1(weight: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -396,7 +395,7 @@ def reference_step(before: Record, batch, run: FineTuningRun, framework: str, *,
         new[key] = p[key] - run.lr * grad
     new = {key: round_to_dtype(value, run.dtype).astype(np.float64) for key, value in new.items()
            if key not in OUTPUTS}
-    new.update(_eval_outputs(new, np.asarray(run.test_x, np.float64)))
+    new.update(reference_eval(new, run))
     return new
 
 

@@ -156,7 +156,7 @@ class ReferenceAdapter(Adapter):
 
     def fine_tune(self, run):
         record = dict(run.weights)
-        record.update(fine_tuning.reference_eval(record, run.dtype))
+        record.update(fine_tuning.reference_eval(record, run))
         records = [record]
         for index, batch in enumerate(run.batches):
             frozen = run.freeze and index < fine_tuning.FROZEN_STEPS  # unfreeze before the last step

@@ -510,7 +510,7 @@ class WrongVarianceConvention(NumpyAdapter):
     name = "numpy-biased-running-var"
 
     def fine_tune(self, run):
-        records = [dict(run.weights, **fine_tuning.reference_eval(run.weights, run.dtype))]
+        records = [dict(run.weights, **fine_tuning.reference_eval(run.weights, run))]
         for index, batch in enumerate(run.batches):
             frozen = run.freeze and index < fine_tuning.FROZEN_STEPS
             records.append(fine_tuning.reference_step(records[-1], batch, run, "flax", frozen=frozen))
