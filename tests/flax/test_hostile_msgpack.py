@@ -101,8 +101,9 @@ def test_refused_source_leaves_the_output_and_the_target_unchanged(tmp_path, cap
 
 # -- SIGKILL during the write ---------------------------------------------------------------------------------
 
-# The child slows the safetensors writer down (64 KiB at a time) and reports each chunk on stdout, so the
-# parent can kill it at a chosen byte of the write; everything else is the real `xnorm convert`.
+# The child writes the safetensors file 64 KiB at a time, reports each chunk on stdout and waits for the
+# parent's go-ahead on stdin before the next (and after the close, before the rename), so the parent kills it
+# at a chosen byte of the write whatever the load on the machine; everything else is the real `xnorm convert`.
 CHILD = textwrap.dedent(
     """
     import sys, time
@@ -118,13 +119,13 @@ CHILD = textwrap.dedent(
                 self.f.flush()
                 self.done += len(data[at:at + 65536])
                 print("wrote", self.done, flush=True)
-                time.sleep(0.004)
+                sys.stdin.readline()
         def __enter__(self):
             return self
         def __exit__(self, *exc):
-            print("closing", flush=True)
             self.f.__exit__(*exc)
-            time.sleep(0.05)  # between the last byte and the rename: a kill here must leave the old file
+            print("closing", flush=True)
+            sys.stdin.readline()  # between the last byte and the rename: a kill here must leave the old file
 
     def slow_open(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
@@ -165,8 +166,8 @@ def test_sigkill_during_the_write_leaves_the_old_file_or_the_new_one(tmp_path, m
         folder.mkdir()
         if i % 2 == 0:  # half the runs overwrite an older output, half write where there was none
             (folder / "out.safetensors").write_bytes(previous)
-        child = subprocess.Popen(command(folder), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                                 cwd=folder, text=True)
+        child = subprocess.Popen(command(folder), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, env=env, cwd=folder, text=True)
         children.append((folder, target, child))
 
     for folder, target, child in children:
@@ -177,6 +178,8 @@ def test_sigkill_during_the_write_leaves_the_old_file_or_the_new_one(tmp_path, m
                 child.send_signal(signal.SIGKILL)
                 killed_at = line.strip()
                 break
+            child.stdin.write("\n")  # the next chunk
+            child.stdin.flush()
         child.wait(timeout=120)
         assert killed_at is not None and child.returncode == -signal.SIGKILL, (folder, child.returncode)
         folder.joinpath("killed_at").write_text(killed_at)
