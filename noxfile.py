@@ -165,8 +165,10 @@ def fuzz(session):
 #: tests-<backend>, with everything else
 DISTRIBUTED_TESTS = {
     "torch": ["tests/torch/test_distributed.py"],
-    "mindspore": ["tests/mindspore/test_distributed.py"],
-    "flax": ["tests/flax/test_sharding.py", "tests/flax/test_partitioning.py"],
+    "mindspore": ["tests/mindspore/test_distributed.py", "tests/mindspore/test_sharded_torch_checkpoint.py"],
+    "flax": [
+        "tests/flax/test_sharding.py", "tests/flax/test_partitioning.py", "tests/flax/test_sharded_torch_checkpoint.py",
+    ],
 }
 
 for _backend in BACKENDS:

@@ -44,6 +44,8 @@ def file_format(path: Union[str, os.PathLike]) -> str:
         CheckpointFileError: the file does not exist, or its content is none of these.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointFileError(_directory_message(path))
     if path.suffix in FILE_SUFFIXES:
         return FILE_SUFFIXES[path.suffix]
     if not path.is_file():
@@ -71,6 +73,22 @@ def file_format(path: Union[str, os.PathLike]) -> str:
         f"{', '.join(sorted(FILE_SUFFIXES))} and its first bytes {head[:8]!r} are not those of a torch, safetensors, "
         "MindSpore or Flax checkpoint (truncated or corrupt?)."
     )
+
+
+def _directory_message(path: Path) -> str:
+    if (path / ".metadata").is_file():
+        # torch.distributed.checkpoint reads .metadata with an unrestricted pickle.load: reading it would run
+        # whatever code a hostile directory holds, which xnorm never does (it reads .pt files with
+        # weights_only=True), so the gathering is left to the user, on a directory they trust.
+        return (
+            f"{os.fspath(path)!r} is a sharded torch.distributed.checkpoint (DCP) directory, which xnorm does not "
+            "read: its .metadata is an arbitrary pickle. Gather it into one file first, then convert that file: "
+            "when saving, on every rank, full = get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True, cpu_offload=True)) and torch.save(full, 'model.pt') on rank 0; or, for a "
+            "directory you trust, python -m torch.distributed.checkpoint.format_utils dcp_to_torch "
+            f"{os.fspath(path)} model.pt (docs/distributed.md)."
+        )
+    return f"{os.fspath(path)!r} is a directory, not a checkpoint file: name the file inside it to convert."
 
 
 def pick_entry(source: Any, entry: Optional[str], where: str) -> Tuple[Any, str]:

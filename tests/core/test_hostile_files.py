@@ -319,3 +319,37 @@ def test_a_tensor_named_like_the_reserved_metadata_entry_is_not_written(tmp_path
     with pytest.raises(ConversionError, match="'__metadata__'.*reserved"):
         write_safetensors({"w": np.ones(2, np.float32), "__metadata__": np.zeros(1, np.float32)}, path)
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+class _RunsOnUnpickling:
+    """A pickle payload that creates a file when unpickled: proof that nothing was."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_sharded_dcp_directory_is_refused_unread_with_the_way_to_gather_it(tmp_path):
+    import pickle
+
+    checkpoint = tmp_path / "step-1000"
+    checkpoint.mkdir()
+    marker = tmp_path / "unpickled"
+    # torch.distributed.checkpoint reads .metadata with pickle.load: a hostile one runs code
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(_RunsOnUnpickling(str(marker))))
+    (checkpoint / "__0_0.distcp").write_bytes(b"\0" * 64)
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    with pytest.raises(CheckpointFileError) as caught:
+        porting.file_format(checkpoint)
+    message = str(caught.value)
+    assert "torch.distributed.checkpoint" in message and "dcp_to_torch" in message
+    assert "full_state_dict=True" in message
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+
+
+def test_a_plain_directory_is_refused_as_a_directory(tmp_path):
+    with pytest.raises(CheckpointFileError, match="is a directory, not a checkpoint file"):
+        porting.file_format(tmp_path)

@@ -1,11 +1,13 @@
 """One rank of the distributed tests (tests/torch/test_distributed.py), started by torchrun:
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/torch/distributed_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/torch/distributed_worker.py OUT [SCENARIO]...
 
-Every scenario trains a model whose layers carry every xnorm reparametrization for a few SGD steps on this
-rank's half of a batch and saves what the test compares into OUT_DIR (``<scenario>-rank<r>.pt``): the
-model's state_dict after the steps, or the error a step raised. The test runs the same steps in one
-process on the whole batch. Kept apart from the test module so that torchrun imports nothing of pytest.
+Every scenario (all when none is named) trains a model whose layers carry every xnorm reparametrization for
+a few SGD steps on this rank's half of a batch and saves what the test compares into OUT
+(``<scenario>-rank<r>.pt``): the model's state_dict after the steps, or the error a step raised. The test
+runs the same steps in one process on the whole batch. The FSDP2 scenarios also save the two checkpoints a
+user would port (:data:`CHECKPOINTS`). Kept apart from the test module so that torchrun imports nothing of
+pytest; the MindSpore and Flax tests run it too (their environments have torch), to port those checkpoints.
 """
 
 from __future__ import annotations
@@ -108,6 +110,26 @@ def distribute(model: nn.Module, how: str, world: int) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
+#: what each FSDP2 scenario saves for porting, beside its results: the sharded checkpoint of
+#: torch.distributed.checkpoint (a directory, one file per rank plus ``.metadata``) and rank 0's
+#: ``torch.save`` of the gathered state dict (the file ``xnorm.convert`` reads directly)
+CHECKPOINTS = {"dcp": "{scenario}-dcp", "full": "{scenario}-full.pt"}
+
+
+def save_checkpoints(model: nn.Module, scenario: str, out_dir: str, rank: int) -> None:
+    """Both ways torch documents for saving a sharded model, as a training script would call them on
+    every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sharded = get_model_state_dict(model)  # DTensors: each rank writes its own shards
+    dcp.save(sharded, checkpoint_id=os.path.join(out_dir, CHECKPOINTS["dcp"].format(scenario=scenario)))
+    # every rank takes part in the gathering; cpu_offload keeps the full tensors on rank 0 only
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(full, os.path.join(out_dir, CHECKPOINTS["full"].format(scenario=scenario)))
+
+
 def full_state(model: nn.Module) -> dict:
     """Every rank's full (unsharded) state_dict, the way torch documents for each wrapper: DDP's inner
     module's, and for FSDP2 ``get_model_state_dict(full_state_dict=True)``, which gathers the shards. Both
@@ -122,16 +144,32 @@ def full_state(model: nn.Module) -> dict:
     return {key: value.detach().clone() for key, value in state.items()}
 
 
-def main(out_dir: str) -> None:
+def launch(out_dir, scenarios=(), world: int = 2, timeout: float = 600) -> None:
+    """Run the named scenarios (all when none) on ``world`` ranks with torchrun, from any process whose
+    interpreter has torch; raises with the ranks' output when torchrun fails."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               os.path.abspath(__file__), os.fspath(out_dir), *scenarios]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def main(out_dir: str, scenarios: list) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)  # two ranks on a 2-core machine
-    for name, (loss, how) in SCENARIOS.items():
+    for name in scenarios or SCENARIOS:
+        loss, how = SCENARIOS[name]
         result = {}
         try:
             model = distribute(build_model(), how, world)
             train(model, LOSSES[loss], rank, world)
             result["state"] = full_state(model)
+            if how == "fsdp2":
+                save_checkpoints(model, name, out_dir, rank)
             # what FSDP2 sharded: each parameter's local shape on this rank
             if how == "ddp-compiled":
                 from torch._dynamo.utils import counters
@@ -148,4 +186,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

@@ -5,8 +5,6 @@ The ranks run tests/torch/distributed_worker.py; this module runs the same steps
 compares. Issue 16; docs/distributed.md has the recipe.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,13 +23,7 @@ WORLD = 2
 def ranks(tmp_path_factory):
     """Run every scenario once on two ranks; returns the folder of their results."""
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-        str(Path(worker.__file__)), str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    worker.launch(out, world=WORLD)
     return out
 
 
@@ -81,3 +73,21 @@ def test_fsdp2_shards_every_reparametrization_tensor_along_its_first_axis(ranks,
 def test_the_compiled_ddp_model_was_compiled(ranks):
     for rank in range(WORLD):
         assert _result(ranks, "ddp-compiled", rank)["compiled_graphs"] >= 1
+
+
+def test_both_checkpoints_of_the_sharded_model_hold_the_gathered_state(ranks, tmp_path):
+    """What an FSDP2 run saves for porting (docs/distributed.md): rank 0's file of the gathered state dict,
+    and the sharded DCP directory once torch's own dcp_to_torch_save has gathered it, hold exactly the
+    state every rank ended with, under the plain model's keys (which xnorm.convert reads)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    scenario = "fsdp2-supervised"
+    trained = _result(ranks, scenario, 0)["state"]
+    full = torch.load(ranks / worker.CHECKPOINTS["full"].format(scenario=scenario), weights_only=True)
+    gathered_path = tmp_path / "gathered.pt"
+    dcp_to_torch_save(ranks / worker.CHECKPOINTS["dcp"].format(scenario=scenario), gathered_path)
+    gathered = torch.load(gathered_path, weights_only=True)
+    assert full.keys() == trained.keys() == gathered.keys() == worker.build_model().state_dict().keys()
+    for key, value in trained.items():
+        assert torch.equal(full[key], value), f"rank 0's full state dict: {key}"
+        assert torch.equal(gathered[key], value), f"the gathered DCP checkpoint: {key}"
