@@ -37,8 +37,21 @@ def _single_process(loss: str) -> dict:
     return worker.full_state(model)
 
 
-@pytest.mark.parametrize("scenario", sorted(worker.SCENARIOS))
+@pytest.mark.parametrize("scenario", sorted(set(worker.SCENARIOS) - worker.EXTENDED))
 def test_every_rank_holds_the_same_values_and_they_equal_one_process_on_the_whole_batch(ranks, scenario):
+    _check_against_one_process(ranks, scenario)
+
+
+@pytest.mark.extended
+def test_the_ddp_model_compiled_by_inductor_trains_as_one_process(tmp_path):
+    """torch.compile's default backend (C++ kernels compiled on every rank) on the DDP model."""
+    worker.launch(tmp_path, ["ddp-inductor"])
+    _check_against_one_process(tmp_path, "ddp-inductor")
+    for rank in range(WORLD):
+        assert _result(tmp_path, "ddp-inductor", rank)["compiled_graphs"] >= 1
+
+
+def _check_against_one_process(ranks, scenario):
     results = [_result(ranks, scenario, rank) for rank in range(WORLD)]
     for rank, result in enumerate(results):
         assert "error" not in result, f"{scenario}: rank {rank} raised {result['error']}"
