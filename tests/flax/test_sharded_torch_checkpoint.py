@@ -70,16 +70,6 @@ def saved(tmp_path_factory):
     return out
 
 
-def _checkpoint(saved: Path, how: str, tmp_path: Path) -> Path:
-    if how == "full":
-        return saved / torch_worker.CHECKPOINTS["full"].format(scenario=SCENARIO)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    gathered = tmp_path / "gathered.pt"
-    dcp_to_torch_save(saved / torch_worker.CHECKPOINTS["dcp"].format(scenario=SCENARIO), gathered)
-    return gathered
-
-
 def _values(model) -> dict:
     return {"/".join(map(str, path)): np.array(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
         nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))}
@@ -92,7 +82,8 @@ def test_a_sharded_torch_models_checkpoint_loads_into_the_flax_port_and_computes
     torch_model.load_state_dict(trained)
     model = flax_port(seed=1)  # other values than the checkpoint's: loading must change them
     before = _values(model)
-    xnorm.convert(str(_checkpoint(saved, how, tmp_path)), to="flax", like=model, rename=RENAME, load=True)
+    checkpoint = torch_worker.checkpoint_file(saved, SCENARIO, how, tmp_path)
+    xnorm.convert(checkpoint, to="flax", like=model, rename=RENAME, load=True)
     after = _values(model)
     assert after.keys() == before.keys()
     assert all(not np.array_equal(after[name], before[name]) for name in after if "base" not in name), [

@@ -51,16 +51,6 @@ def saved(tmp_path_factory):
     return out
 
 
-def _checkpoint(saved: Path, how: str, tmp_path: Path) -> Path:
-    if how == "full":
-        return saved / torch_worker.CHECKPOINTS["full"].format(scenario=SCENARIO)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    gathered = tmp_path / "gathered.pt"
-    dcp_to_torch_save(saved / torch_worker.CHECKPOINTS["dcp"].format(scenario=SCENARIO), gathered)
-    return gathered
-
-
 def _parameters(net) -> dict:
     return {param.name: param.asnumpy().copy() for param in net.get_parameters()}
 
@@ -73,7 +63,8 @@ def test_a_sharded_torch_models_checkpoint_loads_into_the_mindspore_port_and_com
     net = mindspore_worker.build_model(seed=1)  # other values than the checkpoint's: loading must change them
     before = _parameters(net)
     # float64 in torch; MindSpore's CPU convolutions have no float64, so the port is float32 (cast=True)
-    xnorm.convert(str(_checkpoint(saved, how, tmp_path)), to="mindspore", like=net, cast=True, load=True)
+    checkpoint = torch_worker.checkpoint_file(saved, SCENARIO, how, tmp_path)
+    xnorm.convert(checkpoint, to="mindspore", like=net, cast=True, load=True)
     after = _parameters(net)
     assert all(not np.array_equal(after[name], before[name]) for name in after if not name.endswith("_base"))
     x = np.random.default_rng(3).standard_normal((5, 3, 8))

@@ -135,6 +135,20 @@ def save_checkpoints(model: nn.Module, scenario: str, out_dir: str, rank: int) -
         torch.save(full, os.path.join(out_dir, CHECKPOINTS["full"].format(scenario=scenario)))
 
 
+def checkpoint_file(out_dir, scenario: str, how: str, scratch) -> str:
+    """One file holding the plain model's state dict, from what ``scenario`` saved: ``"full"``, rank 0's
+    file; ``"dcp"``, the sharded directory gathered into ``scratch`` by torch's own ``dcp_to_torch_save``
+    (run in one process, after the ranks)."""
+    saved = os.path.join(out_dir, CHECKPOINTS[how].format(scenario=scenario))
+    if how == "full":
+        return saved
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    gathered = os.path.join(scratch, f"{scenario}-gathered.pt")
+    dcp_to_torch_save(saved, gathered)
+    return gathered
+
+
 def full_state(model: nn.Module) -> dict:
     """Every rank's full (unsharded) state_dict, the way torch documents for each wrapper: DDP's inner
     module's, and for FSDP2 ``get_model_state_dict(full_state_dict=True)``, which gathers the shards. Both

@@ -92,14 +92,10 @@ def test_both_checkpoints_of_the_sharded_model_hold_the_gathered_state(ranks, tm
     """What an FSDP2 run saves for porting (docs/distributed.md): rank 0's file of the gathered state dict,
     and the sharded DCP directory once torch's own dcp_to_torch_save has gathered it, hold exactly the
     state every rank ended with, under the plain model's keys (which xnorm.convert reads)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     scenario = "fsdp2-supervised"
     trained = _result(ranks, scenario, 0)["state"]
-    full = torch.load(ranks / worker.CHECKPOINTS["full"].format(scenario=scenario), weights_only=True)
-    gathered_path = tmp_path / "gathered.pt"
-    dcp_to_torch_save(ranks / worker.CHECKPOINTS["dcp"].format(scenario=scenario), gathered_path)
-    gathered = torch.load(gathered_path, weights_only=True)
+    full = torch.load(worker.checkpoint_file(ranks, scenario, "full", tmp_path), weights_only=True)
+    gathered = torch.load(worker.checkpoint_file(ranks, scenario, "dcp", tmp_path), weights_only=True)
     assert full.keys() == trained.keys() == gathered.keys() == worker.build_model().state_dict().keys()
     for key, value in trained.items():
         assert torch.equal(full[key], value), f"rank 0's full state dict: {key}"
