@@ -7,7 +7,8 @@ the orthogonal parametrization: :mod:`.orthogonal`).
     norm = sqrt(sum(v ** 2 over every axis except dim, keepdims) [+ eps])
     w    = v * (g / norm)
 
-and runs the layer's own primitive (``MatMul``, ``Conv2D``, ``Conv2DBackpropInput``...) on ``w``. Because
+and runs the layer's operation (``MatMul``, ``Conv2D``, ``Conv2DBackpropInput``..., built by the wrapper from
+the layer's public configuration, see :mod:`.layer_ops`) on ``w``. Because
 ``w`` is an ordinary value of the compiled graph, automatic differentiation carries ``dL/dw`` back to
 ``g`` and ``v`` in GRAPH_MODE, in PYNATIVE_MODE and inside ``mindspore.jit`` functions. The pattern
 this replaces (``ops.Assign(inner.weight, g * v / ||v||)`` followed by ``inner(x)``) has no such path:
@@ -94,6 +95,7 @@ from xnorm.spec import (
 )
 
 from . import freeze as _freeze  # imports nothing from this package when loaded
+from .layer_ops import LayerOperation
 
 __all__ = ["MindSporeBackend", "ReparametrizedCell", "WeightNormCell", "SUPPORTED_LAYERS"]
 
@@ -118,30 +120,6 @@ _DTYPE_NAMES = {
     mindspore.float64: "float64",
 }
 
-# Attributes of the wrapped layer that its construct reads, copied onto the wrapper so that the
-# compiled graph sees them as the wrapper's own constants and primitives.
-_LAYER_ATTRIBUTES = {
-    LayerKind.LINEAR: ("matmul", "bias_add", "reshape", "shape_op", "has_bias", "activation_flag"),
-    "conv1d": ("conv2d", "bias_add", "expand_dims", "squeeze", "has_bias"),
-    "conv2d": ("conv2d", "bias_add", "has_bias"),
-    "conv3d": ("conv3d", "bias_add", "concat", "split_0", "split_1", "group", "out_channels", "has_bias"),
-    "conv_transpose1d": (
-        "conv2d_transpose", "bias_add", "expand_dims", "squeeze", "shape", "has_bias", "out_channels",
-        "is_valid", "is_same", "is_pad", "kernel_size", "stride", "dilation", "padding",
-    ),
-    "conv_transpose2d": (
-        "conv2d_transpose", "bias_add", "shape", "has_bias", "out_channels", "is_valid", "is_same", "is_pad",
-        "kernel_size", "stride", "dilation", "padding_top", "padding_bottom", "padding_left",
-        "padding_right", "output_padding",
-    ),
-    "conv_transpose3d": ("conv3d_transpose", "bias_add", "has_bias"),
-    LayerKind.EMBEDDING: (
-        "get_shp", "reshape_flat", "shp_flat", "one_hot", "vocab_size", "on_value", "off_value", "array_mul",
-        "gather", "reshape", "embedding_size", "use_one_hot",
-    ),
-}
-
-
 def _supported_list() -> str:
     return ", ".join(f"mindspore.nn.{cls.__name__}" for cls in SUPPORTED_LAYERS)
 
@@ -157,21 +135,9 @@ def _dtype_name(dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).lower())
 
 
-def _transpose_output_length(is_valid, is_same, is_pad, size, kernel, stride, dilation, padding):
-    """Output length of MindSpore's transposed convolutions along one axis (their own rule, pad modes included)."""
-    span = kernel + (kernel - 1) * (dilation - 1)
-    if is_valid:
-        return size * stride + max(span - stride, 0)
-    if is_same:
-        return size * stride
-    if is_pad:
-        return size * stride - padding + span - stride
-    return 0
-
-
-class ReparametrizedCell(nn.Cell):
+class ReparametrizedCell(LayerOperation):
     """What every xnorm wrapper shares, whatever its reparametrization: a MindSpore layer whose parameter
-    ``wrapped_name`` is computed in ``construct`` (by :meth:`_weight`) and passed to the layer's own primitive.
+    ``wrapped_name`` is computed in ``construct`` (by :meth:`_weight`) and passed to the layer's operation.
 
     Not built directly: :class:`WeightNormCell`, :class:`~xnorm._backends.mindspore.spectral.SpectralNormCell`
     and :class:`~xnorm._backends.mindspore.fused.FusedWeightNormCell` are. A subclass sets its own
@@ -179,9 +145,10 @@ class ReparametrizedCell(nn.Cell):
     storage layout, the weight's dtype), and lists its own parameters in ``own_parameter_names``.
 
     The wrapped layer is held as a plain attribute, outside the Cell tree, so its stale ``<name>`` is not
-    a parameter of the wrapper and is not saved. The layer's other parameters (``bias``), the
-    primitives and constants its construct reads, and its child Cells (a Dense ``activation``) become the
-    wrapper's under the same names.
+    a parameter of the wrapper and is not saved. The layer's other parameters (``bias``) and its child
+    Cells (a Dense ``activation``) become the wrapper's under the same names. The layer's operation is
+    rebuilt from its public configuration with the wrapper's own primitives
+    (:class:`~.layer_ops.LayerOperation`): the wrapper reads none of the layer's undocumented attributes.
 
     Attributes:
         wrapped_name: the name of the reparametrized parameter (``"weight"``, ``"embedding_table"``).
@@ -206,17 +173,18 @@ class ReparametrizedCell(nn.Cell):
         self._weight_attr = SUPPORTED_LAYERS[type(layer)][1]
 
     def _adopt_layer(self, layer: nn.Cell) -> None:
-        """Take over the layer's other parameters, primitives, constants and child Cells; called by a
-        subclass once its own parameters are set, so that they come first."""
+        """Take over the layer's other parameters and child Cells and build its operation
+        (:meth:`~.layer_ops.LayerOperation._build_operation`); called by a subclass once its own
+        parameters are set, so that they come first."""
         for param_name, param in list(layer._params.items()):
             if param_name != self.wrapped_name and param is not None:
                 setattr(self, param_name, param)
         if "bias" not in self._params:
             # Layers built with has_bias=False keep ``bias = None`` as a plain attribute.
             object.__setattr__(self, "bias", getattr(layer, "bias", None))
-        for attr in _LAYER_ATTRIBUTES[self.kind]:
-            if hasattr(layer, attr):  # Dense(has_bias=False) has no bias_add, for one
-                setattr(self, attr, getattr(layer, attr))
+        # The wrapper's own primitives, built from the layer's public configuration: the layer's own
+        # primitive attributes have undocumented names a release may change (see layer_ops.py).
+        self._build_operation(layer)
         for child_name, child in list(layer._cells.items()):
             if child is not None:
                 setattr(self, child_name, child)
@@ -244,104 +212,6 @@ class ReparametrizedCell(nn.Cell):
             weight = getattr(self, self._weight_attr)
             bias = w
         return self._apply(inputs[0], weight, bias)
-
-    # -- the layer's own operation, with the weight passed in ----------------------------------------
-    def _apply(self, x, weight, bias):
-        kind = self.kind
-        if kind == LayerKind.LINEAR:
-            return self._dense(x, weight, bias)
-        if kind == "conv1d":
-            out = self.conv2d(self.expand_dims(x, 2), weight)
-            if self.has_bias:
-                out = self.bias_add(out, bias)
-            return self.squeeze(out)
-        if kind == "conv2d":
-            out = self.conv2d(x, weight)
-            if self.has_bias:
-                out = self.bias_add(out, bias)
-            return out
-        if kind == "conv3d":
-            return self._conv3d(x, weight, bias)
-        if kind == "conv_transpose1d":
-            return self._conv_transpose1d(x, weight, bias)
-        if kind == "conv_transpose2d":
-            return self._conv_transpose2d(x, weight, bias)
-        if kind == "conv_transpose3d":
-            out = self.conv3d_transpose(x, weight)
-            if self.has_bias:
-                out = self.bias_add(out, bias)
-            return out
-        return self._embedding(x, weight)
-
-    def _dense(self, x, weight, bias):
-        x_shape = self.shape_op(x)
-        if len(x_shape) != 2:
-            x = self.reshape(x, (-1, x_shape[-1]))
-        x = self.matmul(x, weight)
-        if self.has_bias:
-            x = self.bias_add(x, bias)
-        if self.activation_flag:
-            x = self.activation(x)
-        if len(x_shape) != 2:
-            x = self.reshape(x, x_shape[:-1] + (ops.shape(x)[-1],))
-        return x
-
-    def _conv3d(self, x, weight, bias):
-        if self.group == 1:
-            out = self.conv3d(x, weight)
-            if self.has_bias:
-                out = self.bias_add(out, bias)
-            return out
-        # MindSpore's Conv3d runs grouped convolutions one group at a time; so does the wrapper.
-        features = self.split_1(x)
-        weights = self.split_0(weight)
-        outputs = ()
-        for i in range(self.group):
-            outputs = outputs + (self.conv3d(features[i], weights[i]),)
-        out = self.concat(outputs)
-        if self.has_bias:
-            shape = [1 for _ in range(out.ndim)]
-            shape[1] = self.out_channels
-            out = out + bias.reshape(shape)
-        return out
-
-    def _conv_transpose1d(self, x, weight, bias):
-        x = self.expand_dims(x, 2)
-        n, _, h, w = self.shape(x)
-        h_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, h, self.kernel_size[0],
-                                         self.stride[0], self.dilation[0], self.padding[0] + self.padding[1])
-        w_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, w, self.kernel_size[1],
-                                         self.stride[1], self.dilation[1], self.padding[2] + self.padding[3])
-        out = self.conv2d_transpose(x, weight, (n, self.out_channels, h_out, w_out))
-        if self.has_bias:
-            out = self.bias_add(out, bias)
-        return self.squeeze(out)
-
-    def _conv_transpose2d(self, x, weight, bias):
-        n, _, h, w = self.shape(x)
-        h_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, h, self.kernel_size[0],
-                                         self.stride[0], self.dilation[0], self.padding_top + self.padding_bottom)
-        w_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, w, self.kernel_size[1],
-                                         self.stride[1], self.dilation[1], self.padding_left + self.padding_right)
-        out = self.conv2d_transpose(x, weight, (n, self.out_channels, h_out, w_out))
-        if self.has_bias:
-            out = self.bias_add(out, bias)
-        # Conv2dTranspose appends output_padding as zeros after the bias; the wrapper does the same so
-        # that wrapping never changes what the layer computes (MindSpore's rule, not torch's).
-        extra = self.output_padding if isinstance(self.output_padding, tuple) else (
-            self.output_padding, self.output_padding)
-        if extra[0] == 0 and extra[1] == 0:
-            return out
-        return ops.pad(out, (0, extra[1], 0, extra[0]))
-
-    def _embedding(self, ids, table):
-        out_shape = self.get_shp(ids) + (self.embedding_size,)
-        flat_ids = self.reshape_flat(ids, self.shp_flat)
-        if self.use_one_hot:
-            rows = self.array_mul(self.one_hot(flat_ids, self.vocab_size, self.on_value, self.off_value), table)
-        else:
-            rows = self.gather(table, flat_ids, 0)
-        return self.reshape(rows, out_shape)
 
     # -- conveniences --------------------------------------------------------------------------------
     @property

@@ -6,7 +6,7 @@ never builds ``w = v * (g / ||v||)``. With the per-slice scale ::
 
     s = g / sqrt(sum(v ** 2 over every axis but dim, keepdims) [+ eps])     # g's shape, as without fused
 
-and the layer's own primitive called on ``v`` instead of ``w``, :func:`xnorm.spec.fused_scale_side`
+and the layer's primitive called on ``v`` instead of ``w``, :func:`xnorm.spec.fused_scale_side`
 says where ``s`` goes:
 
 ``FUSED_OUTPUT`` (Dense and ConvNd with ``dim=0``, ConvTransposeNd with ``dim=1``, Embedding with
@@ -50,7 +50,7 @@ from mindspore import Tensor, nn, ops
 
 from xnorm.spec import FUSED_INPUT, FUSED_OUTPUT, FUSED_ROWS, LayerKind, WeightNorm, fused_scale_side
 
-from . import WeightNormCell, _transpose_output_length
+from . import WeightNormCell
 
 __all__ = ["FusedWeightNormCell"]
 
@@ -135,11 +135,11 @@ class FusedWeightNormCell(WeightNormCell):
         if self._low_precision:
             out = ops.cast(out, self._compute_dtype) * s
             if self.has_bias:
-                out = self.bias_add(out, ops.cast(self.bias, self._compute_dtype))
+                out = self._op_bias_add(out, ops.cast(self.bias, self._compute_dtype))
             return ops.cast(out, self._weight_dtype)
         out = out * s
         if self.has_bias:
-            out = self.bias_add(out, self.bias)
+            out = self._op_bias_add(out, self.bias)
         return out
 
     # -- construct -----------------------------------------------------------------------------------
@@ -159,82 +159,26 @@ class FusedWeightNormCell(WeightNormCell):
         return self._apply_scaled_output(x, v, s)
 
     def _apply_scaled_output(self, x, v, s):
-        """The layer's construct on ``v`` with the output scaled by ``s`` before the bias is added."""
-        kind = self.kind
-        if kind == LayerKind.LINEAR:
-            return self._dense_scaled(x, v, s)
-        if kind == LayerKind.EMBEDDING:
+        """The layer's construct on ``v`` with the output scaled by ``s`` before the bias is added.
+
+        Every stage but the bias is the layer's own (:class:`~.layer_ops.LayerOperation`): Dense's
+        activation, the 1-D convolutions' squeeze and Conv2dTranspose's ``output_padding`` zeros come
+        after the bias, as in the layer. A grouped Conv3d gets its bias from ``BiasAdd`` (NCDHW), which
+        adds the same values as the layer's broadcast add.
+        """
+        if self.kind == LayerKind.EMBEDDING:
             return self._times(self._embedding(x, v), s)
-        if kind == "conv1d":
-            return self.squeeze(self._scale_and_bias(self.conv2d(self.expand_dims(x, 2), v), s))
-        if kind == "conv2d":
-            return self._scale_and_bias(self.conv2d(x, v), s)
-        if kind == "conv3d":
-            return self._conv3d_scaled(x, v, s)
-        if kind == "conv_transpose1d":
-            return self._conv_transpose1d_scaled(x, v, s)
-        if kind == "conv_transpose2d":
-            return self._conv_transpose2d_scaled(x, v, s)
-        return self._scale_and_bias(self.conv3d_transpose(x, v), s)
-
-    def _dense_scaled(self, x, v, s):
-        x_shape = self.shape_op(x)
-        if len(x_shape) != 2:
-            x = self.reshape(x, (-1, x_shape[-1]))
-        x = self._scale_and_bias(self.matmul(x, v), s)
-        if self.activation_flag:
-            x = self.activation(x)
-        if len(x_shape) != 2:
-            x = self.reshape(x, x_shape[:-1] + (ops.shape(x)[-1],))
-        return x
-
-    def _conv3d_scaled(self, x, v, s):
-        if self.group == 1:
-            return self._scale_and_bias(self.conv3d(x, v), s)
-        # Grouped: one convolution per group, as MindSpore's Conv3d does; the layer's NCDHW BiasAdd
-        # adds the same bias as its broadcast add.
-        features = self.split_1(x)
-        weights = self.split_0(v)
-        outputs = ()
-        for i in range(self.group):
-            outputs = outputs + (self.conv3d(features[i], weights[i]),)
-        return self._scale_and_bias(self.concat(outputs), s)
-
-    def _conv_transpose1d_scaled(self, x, v, s):
-        x = self.expand_dims(x, 2)
-        n, _, h, w = self.shape(x)
-        h_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, h, self.kernel_size[0],
-                                         self.stride[0], self.dilation[0], self.padding[0] + self.padding[1])
-        w_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, w, self.kernel_size[1],
-                                         self.stride[1], self.dilation[1], self.padding[2] + self.padding[3])
-        out = self._scale_and_bias(self.conv2d_transpose(x, v, (n, self.out_channels, h_out, w_out)), s)
-        return self.squeeze(out)
-
-    def _conv_transpose2d_scaled(self, x, v, s):
-        n, _, h, w = self.shape(x)
-        h_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, h, self.kernel_size[0],
-                                         self.stride[0], self.dilation[0], self.padding_top + self.padding_bottom)
-        w_out = _transpose_output_length(self.is_valid, self.is_same, self.is_pad, w, self.kernel_size[1],
-                                         self.stride[1], self.dilation[1], self.padding_left + self.padding_right)
-        out = self._scale_and_bias(self.conv2d_transpose(x, v, (n, self.out_channels, h_out, w_out)), s)
-        # MindSpore's output_padding zeros come after the bias, as in WeightNormCell.
-        extra = self.output_padding if isinstance(self.output_padding, tuple) else (
-            self.output_padding, self.output_padding)
-        if extra[0] == 0 and extra[1] == 0:
-            return out
-        return ops.pad(out, (0, extra[1], 0, extra[0]))
+        out = self._layer_core(self._layer_input(x), v)
+        return self._layer_output(self._scale_and_bias(out, s), x)
 
     def _embedding_rows(self, ids, table, s):
         """Embedding with dim=0: the looked-up rows of ``v`` times their own ``s[id]`` ((num, 1) gathered)."""
-        out_shape = self.get_shp(ids) + (self.embedding_size,)
-        flat_ids = self.reshape_flat(ids, self.shp_flat)
-        if self.use_one_hot:
-            rows = self.array_mul(self.one_hot(flat_ids, self.vocab_size, self.on_value, self.off_value), table)
-        else:
-            rows = self.gather(table, flat_ids, 0)
+        out_shape = ops.shape(ids) + (self.embedding_size,)
+        flat_ids = ops.reshape(ids, (-1,))
+        rows = self._embedding_lookup(flat_ids, table)
         # s has shape (num, 1): gathering it needs no one-hot matrix in the compute dtype.
-        rows = self._times(rows, self.gather(s, flat_ids, 0))
-        return self.reshape(rows, out_shape)
+        rows = self._times(rows, self._op_gather(s, flat_ids, 0))
+        return ops.reshape(rows, out_shape)
 
     def extend_repr(self) -> str:
         return f"{super().extend_repr()}, fused={self.fused_side or 'no (w materialised)'}"
