@@ -121,6 +121,15 @@ def _xnorm_parametrizations(module: nn.Module) -> List[str]:
     ]
 
 
+def _register_load_state_dict_pre_hook(module: nn.Module, hook: Any) -> Any:
+    """``module.register_load_state_dict_pre_hook(hook)``: public from torch 2.5; torch 2.4 has the same hook
+    (same call, same handle) only under the private name the public method calls."""
+    register = getattr(module, "register_load_state_dict_pre_hook", None)
+    if register is not None:
+        return register(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
 _XNORM_PARAMETRIZATIONS = (WeightNormParametrization, SpectralNormParametrization, OrthogonalParametrization)
 
 
@@ -200,7 +209,7 @@ class TorchBackend(registry.Backend):
         parametrize.register_parametrization(layer, name, parametrization, unsafe=True)
         if fused:
             install_forward(layer)  # a no-op where the fused path falls back to materialising w
-        handle = layer.register_load_state_dict_pre_hook(_legacy_keys_hook(name))
+        handle = _register_load_state_dict_pre_hook(layer, _legacy_keys_hook(name))
         parametrization.legacy_hook_id = handle.id
         return layer
 
@@ -209,7 +218,7 @@ class TorchBackend(registry.Backend):
         parametrization = SpectralNormParametrization(weight, spec, dim)
         # unsafe=False, as torch registers its own: one consistency evaluation, which iterates in training mode.
         parametrize.register_parametrization(layer, name, parametrization)
-        handle = layer.register_load_state_dict_pre_hook(legacy_spectral_keys_hook(name))
+        handle = _register_load_state_dict_pre_hook(layer, legacy_spectral_keys_hook(name))
         parametrization.legacy_hook_id = handle.id
         return layer
 
