@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import traceback
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -111,6 +112,20 @@ def _refused(error: Exception) -> str:
     return f"it: {detail}" if detail else f"it ({type(error).__name__})"
 
 
+def _damage_behind(error: pickle.UnpicklingError) -> Optional[BaseException]:
+    """The error a damaged file raised, where torch reports it as a refusal: torch 2.4's ``torch.load(weights_only=
+    True)`` turns every RuntimeError of the load into an UnpicklingError (the original kept as its context), a
+    record whose size disagrees with its storage included; later releases let that RuntimeError through. The
+    unpickler's own refusals (a global, a class) are raised in its module; anything raised elsewhere is damage."""
+    cause = error.__context__
+    if not isinstance(cause, RuntimeError) or cause.__traceback__ is None:
+        return None
+    frames = traceback.extract_tb(cause.__traceback__)
+    if not frames or Path(frames[-1].filename).name == "_weights_only_unpickler.py":
+        return None
+    return cause
+
+
 def _load_pt(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise CheckpointFileError(f"checkpoint file {os.fspath(path)!r} does not exist.")
@@ -134,6 +149,12 @@ def _load_pt(path: Path) -> Mapping[str, Any]:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format cannot be mapped
     except pickle.UnpicklingError as error:
+        damage = _damage_behind(error)
+        if damage is not None:
+            raise CheckpointFileError(
+                f"{os.fspath(path)!r} cannot be read as a torch checkpoint (truncated or corrupt?): "
+                f"{type(damage).__name__}: {str(damage).strip().splitlines()[0] if str(damage).strip() else ''}"
+            ) from None
         raise CheckpointFileError(
             f"{os.fspath(path)!r} holds objects other than tensors, and xnorm never unpickles arbitrary objects "
             f"(torch.load(weights_only=True) refused {_refused(error)}). Save the state dict alone: "
