@@ -72,7 +72,9 @@ class OrthogonalParametrization(nn.Module):
             if n != k:
                 Q = Q[..., :k]
         if self.use_trivialization:
-            Q = self.base @ Q
+            # a copy, as spectral norm's u and v: torch 2.4's DDP (broadcast_buffers=True) overwrites base in
+            # place before each forward, which broke the backward of two forwards (a GAN discriminator)
+            Q = self.base.clone() @ Q
         return Q.mT if transposed else Q
 
     @torch.autograd.no_grad()
