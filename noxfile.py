@@ -3,6 +3,8 @@
     nox -t test     lint, every backend's tests and conformance suite, then the cross-backend comparison
     nox -t report   every backend's conformance run, then the combined report (conformance-results/report.md)
     nox -s tests-torch / tests-mindspore / tests-flax / cross / lint
+    nox -t compat   each backend's tests and conformance at its framework's oldest and newest release
+                    (constraints/compat/; not in the test tag)
     nox -s bench    every backend's benchmarks (each in its own environment), then the ratio report and plot
 
 Backends compare through files: each run saves conformance-results/<adapter>/, and `cross` reads them.
@@ -98,6 +100,53 @@ for _backend in BACKENDS:
         """The backend's conformance report (markdown on the terminal, files under conformance-results/)."""
         _install(session, backend)
         session.run("xnorm", "conformance", "--backend", backend, "--results-dir", RESULTS, *_device_args(session))
+
+
+#: the oldest and the newest release of each backend's framework installable here, pinned in
+#: constraints/compat/<backend>-<which>.txt; the pinned one (constraints/<backend>-cpu.txt) is what
+#: tests-<backend> runs. Not in the test tag: CI runs the pinned versions only.
+COMPAT_VERSIONS = ("oldest", "newest")
+COMPAT_RESULTS = ROOT / "conformance-results-compat"
+#: what a compat session prints before testing, so that its log says which versions ran
+COMPAT_PACKAGES = {
+    "torch": ("torch", "numpy"),
+    "mindspore": ("mindspore", "numpy"),
+    "flax": ("jax", "jaxlib", "flax", "optax", "numpy"),
+}
+
+for _backend in BACKENDS:
+    for _which in COMPAT_VERSIONS:
+
+        @nox.session(name=f"compat-{_backend}-{_which}", tags=["compat"])
+        def compat(session, backend=_backend, which=_which):
+            """The backend's tests and conformance catalogue at its framework's oldest or newest release
+            (`nox -t compat` runs all six); results under conformance-results-compat/<backend>-<which>/,
+            which `cross` never reads."""
+            constraints = f"constraints/compat/{backend}-{which}.txt"
+            # torch.compile's inductor imports setuptools, which torch 2.4 does not declare on Python < 3.12
+            # and a uv environment lacks
+            extra = ["setuptools"] if backend == "torch" else []
+            # this file replaces any constraints pip and uv were given for the whole machine (a cap on torch,
+            # say): the point of the session is the release pinned in it
+            session.install("-c", constraints, f".[{EXTRAS[backend]}]", *extra,
+                            env={"UV_CONSTRAINT": constraints, "PIP_CONSTRAINT": constraints})
+            packages = COMPAT_PACKAGES[backend]
+            session.run("python", "-c", "import importlib.metadata as m; "
+                        f"print(*(p + '==' + m.version(p) for p in {packages!r}))")
+            results = str(COMPAT_RESULTS / f"{backend}-{which}")
+            failed = []
+            for command in (
+                # as in tests-<backend>; the CLI's own machinery (NumPy adapters only) runs once, in tests-torch
+                ["pytest", "tests/core", "--ignore=tests/core/test_conformance_cli.py", f"tests/{backend}", "-q",
+                 "-m", "not extended"],
+                ["xnorm", "conformance", "--backend", backend, "--results-dir", results, *_device_args(session)],
+            ):
+                try:  # the catalogue runs even where a unit test failed: the matrix wants both verdicts
+                    session.run(*command)
+                except nox.command.CommandFailed:
+                    failed.append(command[0])
+            if failed:
+                session.error(f"{' and '.join(failed)} failed at the {which} {backend} release")
 
 
 @nox.session(tags=["test", "report"])
