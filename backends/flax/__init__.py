@@ -89,6 +89,25 @@ __all__ = [
 _LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _MISSING = object()
 
+#: Refused by ``wrap`` whatever ``name=``: their parameter is a per-feature scale, not a weight matrix, and
+#: torch and MindSpore refuse them too (docs/spec.md, "Supported layers and errors"); a BatchNorm's
+#: statistics are ``xnorm.freeze``'s business.
+NORMALIZATION_LAYERS: Tuple[type, ...] = tuple(
+    getattr(namespace, cls)
+    for namespace in (nn, nnx)
+    for cls in ("BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm")
+    if isinstance(getattr(namespace, cls, None), type)
+)
+
+
+def _no_own_parameters(layer: Any, children: Sequence[str] = ()) -> UnsupportedLayerError:
+    """The error for a layer with nothing to reparametrize, the class torch and MindSpore give too."""
+    where = f" (its sub-modules {', '.join(map(str, children))} do)" if children else ""
+    return UnsupportedLayerError(
+        f"the flax backend cannot reparametrize a {type(layer).__module__}.{type(layer).__qualname__}: it holds no "
+        f"parameter of its own{where}. Wrap the sub-module that owns the weight."
+    )
+
 
 # ------------------------------------------------------------------------------------------------
 # Layouts
@@ -226,6 +245,8 @@ def linen_initial_params(
         )
     params = dict(variables.get("params", {}))
     name = wrapper.param_name
+    if not params:
+        raise _no_own_parameters(wrapper.layer)
     if name not in params:
         raise MissingParameterError(
             f"{layer_type} has no parameter {name!r} (it has: {', '.join(params) or 'none'}). "
@@ -504,6 +525,12 @@ class FlaxBackend(Backend):
                 f"{type(layer).__qualname__} is already a reparametrization wrapper; wrap the plain layer instead "
                 "(xnorm.remove gives it back for an xnorm wrapper)."
             )
+        if isinstance(layer, NORMALIZATION_LAYERS):
+            raise UnsupportedLayerError(
+                f"the flax backend cannot reparametrize a {type(layer).__module__}.{type(layer).__qualname__}: a "
+                "normalization layer's scale is per feature, not a weight matrix. Wrap the Dense, Conv or Embed "
+                "layers around it; to keep a BatchNorm's running statistics fixed, use xnorm.freeze."
+            )
         if name is not None and not isinstance(name, str):
             raise MissingParameterError(f"name must be a parameter name (a str) or None, got {name!r}.")
         name = name or _default_name(layer)
@@ -543,6 +570,8 @@ class FlaxBackend(Backend):
             return self._make_linen(layer, spec, name, fused)
 
         params = variables.get("params") if isinstance(variables, Mapping) else None
+        if isinstance(variables, Mapping) and not params and _known_ranks(layer) is None:
+            raise _no_own_parameters(layer)  # a Dropout's variables are {}: the layer, not the mapping, is wrong
         if not isinstance(params, Mapping):
             raise MissingParameterError(
                 f"variables= must be the layer's variables, a mapping with a 'params' collection "
@@ -564,6 +593,8 @@ class FlaxBackend(Backend):
                 f"the variables hold collections besides 'params' ({', '.join(extra)}); the linen wrapper only "
                 "carries 'params'. Wrap the sub-layer that owns the weight instead."
             )
+        if name not in params and all(isinstance(value, Mapping) for value in params.values()):
+            raise _no_own_parameters(layer, list(params))  # nn.Sequential: every parameter is a sub-module's
         if name not in params:
             raise MissingParameterError(
                 f"the variables have no parameter {name!r} (they have: {', '.join(params) or 'none'}). "
@@ -638,8 +669,12 @@ class FlaxBackend(Backend):
                 "reparametrized. Wrap the plain layer (xnorm.remove gives it back)."
             )
         variable = getattr(layer, name, None) if name in state else None
+        have = [key for key in state if isinstance(getattr(layer, str(key), None), nnx.Param)]
+        if not have:
+            raise _no_own_parameters(
+                layer, [str(key) for key in state if not isinstance(getattr(layer, str(key), None), nnx.Variable)]
+            )
         if not isinstance(variable, nnx.Param):
-            have = [key for key in state if isinstance(getattr(layer, str(key), None), nnx.Param)]
             raise MissingParameterError(
                 f"{type(layer).__name__} has no nnx.Param {name!r} "
                 f"(its parameters: {', '.join(map(str, have)) or 'none'}). "

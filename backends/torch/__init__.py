@@ -14,7 +14,9 @@ place, exactly where ``torch.nn.utils.parametrizations.weight_norm`` would put t
   same ``dim``, so outputs and gradients are bit-equal to torch's.
 
 torch's layout is xnorm's canonical layout, so ``dim`` needs no mapping: any module with a floating
-parameter works (Linear, ConvNd, ConvTransposeNd, Embedding, custom modules).
+parameter of its own works (Linear, ConvNd, ConvTransposeNd, Embedding, custom modules), except the
+normalization layers (:data:`NORMALIZATION_LAYERS`), refused as in every backend (docs/spec.md, "Supported
+layers and errors").
 
 ``xnorm.wrap(module, fused=True)`` registers the same parametrization (same state, same ``module.weight``)
 and lets the module's forward apply ``s = g / ||v||`` to its activations instead of computing w, where
@@ -133,6 +135,15 @@ def _register_load_state_dict_pre_hook(module: nn.Module, hook: Any) -> Any:
 _XNORM_PARAMETRIZATIONS = (WeightNormParametrization, SpectralNormParametrization, OrthogonalParametrization)
 
 
+#: Refused by ``wrap`` whatever ``name=``: their weight is a per-channel scale, not a weight matrix, and
+#: MindSpore and Flax refuse them too; a BatchNorm's statistics are ``xnorm.freeze``'s business.
+NORMALIZATION_LAYERS: Tuple[type, ...] = tuple(
+    getattr(nn, cls)
+    for cls in ("LayerNorm", "GroupNorm", "LocalResponseNorm", "CrossMapLRN2d", "RMSNorm")
+    if hasattr(nn, cls)
+) + (nn.modules.batchnorm._NormBase,)  # BatchNorm*, SyncBatchNorm, InstanceNorm*, their Lazy forms
+
+
 def layer_kind(module: nn.Module) -> str:
     """The :class:`xnorm.spec.LayerKind` of a torch module (decides spectral norm's default ``dim``)."""
     for kind_class, kind in (
@@ -156,6 +167,12 @@ class TorchBackend(registry.Backend):
 
     def _check(self, module: nn.Module, name: str) -> torch.Tensor:
         """Every reason ``wrap`` could refuse, checked before anything changes."""
+        if isinstance(module, NORMALIZATION_LAYERS):
+            raise UnsupportedLayerError(
+                f"the torch backend cannot reparametrize a {type(module).__module__}.{type(module).__qualname__}: "
+                "a normalization layer's weight is a per-channel scale, not a weight matrix. Wrap the Linear, "
+                "Conv or Embedding layers around it; to keep a BatchNorm's running statistics fixed, use xnorm.freeze."
+            )
         if parametrize.is_parametrized(module, name):
             what = "xnorm" if name in _xnorm_parametrizations(module) else "another parametrization"
             raise AlreadyWrappedError(
@@ -169,6 +186,14 @@ class TorchBackend(registry.Backend):
                     f"{type(module).__name__} already has torch's legacy {what} on {name!r} ({legacy}). "
                     f"Call torch.nn.utils.{remover}(module, {name!r}) first."
                 )
+        if not any(p is not None for p in module._parameters.values()):
+            children = [child for child, _ in module.named_children()]
+            raise UnsupportedLayerError(
+                f"the torch backend cannot reparametrize a {type(module).__module__}.{type(module).__qualname__}: it "
+                "holds no parameter of its own"
+                + (f" (its sub-modules {children} do)" if children else "")
+                + ". Wrap the submodule that owns the weight."
+            )
         weight = module._parameters.get(name)
         if weight is None:
             floating = [n for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
