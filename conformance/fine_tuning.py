@@ -161,6 +161,28 @@ class FineTuningRun:
         """``(momentum, eps)`` for ``framework``'s BatchNorm ("torch", "mindspore", "flax")."""
         return tuple(equivalent_batchnorm_settings("torch", framework, self.momentum, self.eps))
 
+    def schedule(self, *, record, new_trainer, step, unfreeze) -> List[Record]:
+        """The script's order of events, the same in every framework; the callables are the framework's.
+
+        ``record()`` reads the model (a :data:`RECORD_KEYS` record); ``new_trainer()`` builds what trains
+        the parameters that train now (an optimizer, or a compiled train step); ``step(trainer, batch)``
+        runs one training step on ``(x, target)``; ``unfreeze()`` calls ``xnorm.unfreeze`` on the model.
+        A record before training and after each of the :data:`FROZEN_STEPS` steps; then, with
+        ``freeze``, unfreeze and a new trainer (the frozen layer's scale and shift train again, and the
+        old trainer does not hold them); then one more step and its record.
+        """
+        trainer = new_trainer()
+        records = [record()]
+        for batch in self.batches[:FROZEN_STEPS]:
+            step(trainer, batch)
+            records.append(record())
+        if self.freeze:
+            unfreeze()
+            trainer = new_trainer()
+        step(trainer, self.batches[FROZEN_STEPS])
+        records.append(record())
+        return records
+
 
 @dataclasses.dataclass(frozen=True)
 class FineTuningCase:

@@ -136,21 +136,22 @@ def fine_tune_linen(run: fine_tuning.FineTuningRun) -> List[Dict[str, np.ndarray
         merged = {layer: {**params[layer], **stats.get(layer, {})} for layer in params}
         return _fine_tuning_record(merged, backbone, output)
 
-    tx, opt_state = new_optimizer(model)
-    step = make_step(model, tx)
-    records = [record()]
-    for x, target in run.batches[: fine_tuning.FROZEN_STEPS]:
-        batch = _nchw_to_nhwc(x, run.dtype), _target(target, run.dtype)
-        params, stats, opt_state = step(params, stats, opt_state, *batch)
-        records.append(record())
-    if run.freeze:
+    def new_trainer():
+        """The compiled step of the current module (linen's unfreeze returns a new one) and its optimizer
+        state, which every step replaces."""
+        tx, opt_state = new_optimizer(model)
+        return {"step": make_step(model, tx), "opt_state": opt_state}
+
+    def step(trainer, batch):
+        nonlocal params, stats
+        x, target = _nchw_to_nhwc(batch[0], run.dtype), _target(batch[1], run.dtype)
+        params, stats, trainer["opt_state"] = trainer["step"](params, stats, trainer["opt_state"], x, target)
+
+    def unfreeze():
+        nonlocal model
         model = xnorm.unfreeze(model)
-        tx, opt_state = new_optimizer(model)  # bn1's scale and shift train again
-        step = make_step(model, tx)
-    x, target = run.batches[fine_tuning.FROZEN_STEPS]
-    params, stats, opt_state = step(params, stats, opt_state, _nchw_to_nhwc(x, run.dtype), _target(target, run.dtype))
-    records.append(record())
-    return records
+
+    return run.schedule(record=record, new_trainer=new_trainer, step=step, unfreeze=unfreeze)
 
 
 def _target(target: np.ndarray, dtype: str):
@@ -216,14 +217,5 @@ def fine_tune_nnx(run: fine_tuning.FineTuningRun) -> List[Dict[str, np.ndarray]]
         model.train()  # what undoes a hand-made bn.eval(), every epoch
         _nnx_fine_tuning_step(model, optimizer, _nchw_to_nhwc(batch[0], run.dtype), _target(batch[1], run.dtype))
 
-    optimizer = nnx.Optimizer(model, optax.sgd(run.lr), wrt=_FINE_TUNED)
-    records = [record()]
-    for batch in run.batches[: fine_tuning.FROZEN_STEPS]:
-        step(optimizer, batch)
-        records.append(record())
-    if run.freeze:
-        xnorm.unfreeze(model)
-        optimizer = nnx.Optimizer(model, optax.sgd(run.lr), wrt=_FINE_TUNED)  # bn1's scale and shift again
-    step(optimizer, run.batches[fine_tuning.FROZEN_STEPS])
-    records.append(record())
-    return records
+    return run.schedule(record=record, new_trainer=lambda: nnx.Optimizer(model, optax.sgd(run.lr), wrt=_FINE_TUNED),
+                        step=step, unfreeze=lambda: xnorm.unfreeze(model))

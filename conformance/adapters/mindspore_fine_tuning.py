@@ -103,14 +103,4 @@ def fine_tune(run: fine_tuning.FineTuningRun, mode) -> List[Dict[str, np.ndarray
         model.set_train(True)  # what undoes a hand-made bn.set_train(False), every epoch
         train_step(_tensor(batch[0], run.dtype), _tensor(batch[1], run.dtype))
 
-    train_step = new_train_step()
-    records = [record()]
-    for batch in run.batches[: fine_tuning.FROZEN_STEPS]:
-        step(train_step, batch)
-        records.append(record())
-    if run.freeze:
-        xnorm.unfreeze(model)
-        train_step = new_train_step()  # bn1's gamma and beta train again: the old optimizer lacks them
-    step(train_step, run.batches[fine_tuning.FROZEN_STEPS])
-    records.append(record())
-    return records
+    return run.schedule(record=record, new_trainer=new_train_step, step=step, unfreeze=lambda: xnorm.unfreeze(model))

@@ -80,14 +80,4 @@ def fine_tune(run: fine_tuning.FineTuningRun, device: str) -> List[Dict[str, np.
         (0.5 * ((y - tensor(batch[1], dtype)) ** 2).mean()).backward()
         optimizer.step()
 
-    optimizer = new_optimizer()
-    records = [record()]
-    for batch in run.batches[: fine_tuning.FROZEN_STEPS]:
-        step(optimizer, batch)
-        records.append(record())
-    if run.freeze:
-        xnorm.unfreeze(model)
-        optimizer = new_optimizer()  # bn1's scale and shift train again: the old optimizer lacks them
-    step(optimizer, run.batches[fine_tuning.FROZEN_STEPS])
-    records.append(record())
-    return records
+    return run.schedule(record=record, new_trainer=new_optimizer, step=step, unfreeze=lambda: xnorm.unfreeze(model))
