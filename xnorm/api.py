@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Optional
 
@@ -152,7 +153,17 @@ def remove(obj: Any, *args: Any, backend: Optional[str] = None, **options: Any) 
     Raises:
         NotWrappedError: ``obj`` is not wrapped and contains no wrapped layer (nothing is changed).
     """
-    return registry.resolve_backend(obj, backend).remove(obj, *args, **options)
+    resolved = registry.resolve_backend(obj, backend)
+    try:
+        inspect.signature(resolved.remove).bind(obj, *args, **options)
+    except TypeError as error:
+        # A backend whose remove() has no room for them would raise Python's TypeError from the call itself;
+        # the mistake is the caller's options, so it is the OptionError every backend gives (docs/errors.md).
+        raise OptionError(
+            f"xnorm.remove for the {resolved.name} backend does not take these arguments ({error}); "
+            "call xnorm.remove(obj), with the extra arguments that backend documents (Flax linen: the variables)."
+        ) from None
+    return resolved.remove(obj, *args, **options)
 
 
 def is_wrapped(obj: Any) -> bool:
