@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -65,6 +64,7 @@ from flax import nnx
 from flax.core.scope import Scope
 
 from xnorm.errors import AlreadyFrozenError, NotFrozenError, OptionError, UnsupportedLayerError
+from xnorm.freeze_plan import describe, nothing_to_freeze, selects, stateless_reason
 
 __all__ = [
     "FrozenParam",
@@ -103,13 +103,7 @@ class _Selection:
     affine: bool
 
     def selects(self, name: str, module: Any) -> bool:
-        if self.layers is None:
-            return True
-        if isinstance(self.layers, tuple):
-            return isinstance(module, self.layers)
-        if isinstance(self.layers, re.Pattern):
-            return self.layers.search(name) is not None
-        return bool(self.layers(name, module))
+        return selects(self.layers, name, module)
 
 
 def _is_normalization(module: Any) -> bool:
@@ -135,23 +129,7 @@ def _check_types(layers: Any) -> None:
         )
 
 
-def _describe(name: str, module: Any) -> str:
-    return f"{type(module).__name__} {name!r}" if name else type(module).__name__
-
-
-def _show(layers: Any) -> str:
-    if isinstance(layers, re.Pattern):
-        return repr(layers.pattern)
-    if isinstance(layers, tuple):
-        return "(" + ", ".join(kind.__name__ for kind in layers) + ",)"
-    return getattr(layers, "__name__", repr(layers))
-
-
-def _stateless_reason(name: str, module: Any) -> str:
-    return (
-        f"{_describe(name, module)} has no running statistics: it computes the same thing in train and eval mode, "
-        "so there is nothing to freeze. To stop training its scale and bias, leave them out of the optimizer"
-    )
+_STATELESS_FIX = "To stop training its scale and bias, leave them out of the optimizer"
 
 
 def _frozen_class(module_or_class: Any) -> bool:
@@ -229,7 +207,7 @@ def _plan_nnx(obj: nnx.Module, selection: _Selection) -> List[nnx.Module]:
             hijax = [vname for vname, var in _affine_variables(module) if getattr(var, "hijax", False)]
             if hijax and selection.affine:
                 raise UnsupportedLayerError(
-                    f"{_describe(name, module)} holds hijax variables ({', '.join(hijax)}), whose type xnorm.freeze "
+                    f"{describe(name, module)} holds hijax variables ({', '.join(hijax)}), whose type xnorm.freeze "
                     "cannot change. Build the layer with ordinary variables (hijax=False), or pass affine=False."
                 )
             to_freeze.append(module)
@@ -237,25 +215,12 @@ def _plan_nnx(obj: nnx.Module, selection: _Selection) -> List[nnx.Module]:
             stateless.append((name, module))
     if to_freeze:
         return to_freeze
-    what = type(obj).__name__
-    if already:
-        names = ", ".join(_describe(name, module) for name, module in already)
-        raise AlreadyFrozenError(
-            f"every layer selected in {what} is frozen already ({names}). Nothing to do; to change the options, "
-            "call xnorm.unfreeze(model) first, then xnorm.freeze(model, ...) again."
-        )
-    if stateless:
-        raise UnsupportedLayerError("; ".join(_stateless_reason(name, module) for name, module in stateless) + ".")
-    if layers is None:
-        raise UnsupportedLayerError(
-            f"{what} contains no nnx.BatchNorm, so there is nothing to freeze (LayerNorm, GroupNorm and RMSNorm "
-            "have no running statistics). Pass the model or layer that holds the BatchNorm layers."
-        )
-    candidates = [_describe(name, module) for name, module in named if _is_normalization(module)]
-    raise OptionError(
-        f"layers={_show(layers)} selects no layer in {what}; its normalization layers are "
-        f"{', '.join(candidates) if candidates else 'none'}. Fix the selection (names are the attribute paths "
-        "joined by dots, 'blocks.0.bn'; the types are nnx types)."
+    raise nothing_to_freeze(
+        type(obj).__name__, layers, already=already, stateless=stateless, stateless_fix=_STATELESS_FIX,
+        no_layer="no nnx.BatchNorm, so there is nothing to freeze (LayerNorm, GroupNorm and RMSNorm have no running "
+        "statistics). Pass the model or layer that holds the BatchNorm layers.",
+        candidates=[(name, module) for name, module in named if _is_normalization(module)],
+        naming="names are the attribute paths joined by dots, 'blocks.0.bn'; the types are nnx types",
     )
 
 
@@ -388,7 +353,7 @@ def _check_unbound(module: nn.Module, what: str) -> None:
 def _freeze_linen(module: nn.Module, selection: _Selection) -> nn.Module:
     _check_unbound(module, "xnorm.freeze")
     if isinstance(module, _STATELESS):
-        raise UnsupportedLayerError(_stateless_reason("", module) + ".")
+        raise UnsupportedLayerError(stateless_reason("", module, _STATELESS_FIX) + ".")
     if _frozen_class(module):
         raise AlreadyFrozenError(
             f"{type(module).__name__} is frozen already. To change the options, call xnorm.unfreeze(module) "
@@ -473,14 +438,14 @@ def _trace_linen(module: nn.Module, variables: Any, args, kwargs, rngs, method) 
         what = type(module).__name__
         if record["stateless"]:
             raise UnsupportedLayerError(
-                "; ".join(_stateless_reason(name, layer) for name, layer in record["stateless"]) + "."
+                "; ".join(stateless_reason(name, layer, _STATELESS_FIX) for name, layer in record["stateless"]) + "."
             )
         if not record["seen"]:
             raise UnsupportedLayerError(
                 f"no nn.BatchNorm under {what} was called by this call, so nothing is frozen. Pass the module "
                 "that holds the BatchNorm layers, and the arguments of a call that reaches them."
             )
-        seen = ", ".join(sorted({_describe(name, layer) for name, layer in record["seen"]}))
+        seen = ", ".join(sorted({describe(name, layer) for name, layer in record["seen"]}))
         raise OptionError(
             f"layers= selects none of the BatchNorm layers this call reaches ({seen}). Fix the selection (names "
             "are the module paths joined by dots, 'Backbone_0.BatchNorm_0')."

@@ -45,14 +45,14 @@ launch). Assigning ``use_batch_statistics`` by hand while a layer is frozen is n
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mindspore
 from mindspore import nn
 from mindspore.nn.layer.normalization import _BatchNorm
 
-from xnorm.errors import AlreadyFrozenError, NotFrozenError, OptionError, UnsupportedLayerError
+from xnorm.errors import NotFrozenError, OptionError, UnsupportedLayerError
+from xnorm.freeze_plan import describe, nothing_to_freeze, selects, stateless_reason
 
 __all__ = ["FrozenState", "freeze", "unfreeze", "is_frozen"]
 
@@ -116,8 +116,7 @@ def _xnorm_frozen(cell: nn.Cell) -> bool:
     return isinstance(cell.__dict__.get(_STATE), FrozenState)
 
 
-def _describe(name: str, cell: nn.Cell) -> str:
-    return f"{type(cell).__name__} {name!r}" if name else type(cell).__name__
+_STATELESS_FIX = "To stop training its scale and shift, set requires_grad=False on its parameters"
 
 
 def _normalization_layers(obj: nn.Cell) -> List[Tuple[str, nn.Cell]]:
@@ -130,8 +129,6 @@ def _normalization_layers(obj: nn.Cell) -> List[Tuple[str, nn.Cell]]:
 
 def _select(obj: nn.Cell, layers: Any) -> List[Tuple[str, nn.Cell]]:
     named = _normalization_layers(obj)
-    if layers is None:
-        return named
     if isinstance(layers, tuple):
         for kind in layers:
             if not issubclass(kind, _NORMS):
@@ -140,19 +137,7 @@ def _select(obj: nn.Cell, layers: Any) -> List[Tuple[str, nn.Cell]]:
                     "xnorm.freeze freezes mindspore.nn.BatchNorm1d/2d/3d. Name those types, or select by name "
                     "pattern or predicate."
                 )
-        return [(name, cell) for name, cell in named if isinstance(cell, layers)]
-    if isinstance(layers, re.Pattern):
-        return [(name, cell) for name, cell in named if layers.search(name)]
-    predicate: Callable[[str, nn.Cell], Any] = layers
-    return [(name, cell) for name, cell in named if predicate(name, cell)]
-
-
-def _stateless_reason(name: str, cell: nn.Cell) -> str:
-    return (
-        f"{_describe(name, cell)} has no running statistics: it computes the same thing in train and eval mode, "
-        "so there is nothing to freeze. To stop training its scale and shift, set requires_grad=False on "
-        "its parameters"
-    )
+    return [(name, cell) for name, cell in named if selects(layers, name, cell)]
 
 
 def _plan(obj: nn.Cell, layers: Any) -> List[nn.Cell]:
@@ -164,7 +149,7 @@ def _plan(obj: nn.Cell, layers: Any) -> List[nn.Cell]:
     for name, cell in chosen:
         if isinstance(cell, _MINT_BATCHNORMS):
             raise UnsupportedLayerError(
-                f"{_describe(name, cell)} ({type(cell).__module__}) is a mindspore.mint BatchNorm, which "
+                f"{describe(name, cell)} ({type(cell).__module__}) is a mindspore.mint BatchNorm, which "
                 "xnorm.freeze does not support yet (it freezes mindspore.nn.BatchNorm1d/2d/3d). Leave it out "
                 "with layers=..., or build the model with mindspore.nn.BatchNorm layers."
             )
@@ -177,37 +162,18 @@ def _plan(obj: nn.Cell, layers: Any) -> List[nn.Cell]:
         else:
             stateless.append((name, cell))
     if isinstance(layers, tuple) and stateless:
-        raise UnsupportedLayerError(_stateless_reason(*stateless[0]) + "; leave its type out of layers=.")
+        raise UnsupportedLayerError(
+            stateless_reason(*stateless[0], _STATELESS_FIX) + "; leave its type out of layers=."
+        )
     if to_freeze:
         return list(to_freeze.values())
-    what = type(obj).__name__
-    if already:
-        names = ", ".join(_describe(name, cell) for name, cell in already)
-        raise AlreadyFrozenError(
-            f"every layer selected in {what} is frozen already ({names}). Nothing to do; to change the options, "
-            "call xnorm.unfreeze(model) first, then xnorm.freeze(model, ...) again."
-        )
-    if stateless:
-        raise UnsupportedLayerError("; ".join(_stateless_reason(name, cell) for name, cell in stateless) + ".")
-    if layers is None:
-        raise UnsupportedLayerError(
-            f"{what} contains no normalization layer with running statistics, so there is nothing to freeze. "
-            "xnorm.freeze applies to mindspore.nn.BatchNorm1d/2d/3d; pass the model or layer that holds them."
-        )
-    candidates = [_describe(name, cell) for name, cell in _normalization_layers(obj)]
-    raise OptionError(
-        f"layers={_show(layers)} selects no layer in {what}; its normalization layers are "
-        f"{', '.join(candidates) if candidates else 'none'}. Fix the selection (names are qualified, as "
-        "model.cells_and_names() gives them)."
+    raise nothing_to_freeze(
+        type(obj).__name__, layers, already=already, stateless=stateless, stateless_fix=_STATELESS_FIX,
+        no_layer="no normalization layer with running statistics, so there is nothing to freeze. xnorm.freeze "
+        "applies to mindspore.nn.BatchNorm1d/2d/3d; pass the model or layer that holds them.",
+        candidates=_normalization_layers(obj),
+        naming="names are qualified, as model.cells_and_names() gives them",
     )
-
-
-def _show(layers: Any) -> str:
-    if isinstance(layers, re.Pattern):
-        return repr(layers.pattern)
-    if isinstance(layers, tuple):
-        return "(" + ", ".join(kind.__name__ for kind in layers) + ",)"
-    return getattr(layers, "__name__", repr(layers))
 
 
 #: An upper bound on ms_memory_recycle's passes (see _drop_compiled_graphs); each pass that trips has

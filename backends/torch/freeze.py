@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from xnorm.errors import AlreadyFrozenError, NotFrozenError, OptionError, UnsupportedLayerError
+from xnorm.errors import NotFrozenError, OptionError, UnsupportedLayerError
+from xnorm.freeze_plan import describe, nothing_to_freeze, selects, stateless_reason
 
 __all__ = ["FrozenState", "freeze", "unfreeze", "is_frozen", "is_class_frozen"]
 
@@ -113,23 +113,12 @@ def _is_normalization(module: nn.Module) -> bool:
     return isinstance(module, _NormBase) or isinstance(module, _STATELESS_NORMS) or is_class_frozen(module)
 
 
-def _describe(name: str, module: nn.Module) -> str:
-    return f"{type(module).__name__} {name!r}" if name else type(module).__name__
-
-
-def _stateless_reason(name: str, module: nn.Module) -> str:
-    return (
-        f"{_describe(name, module)} has no running statistics: it computes the same thing in train and eval mode, "
-        "so there is nothing to freeze. To stop training its scale and shift, call "
-        "module.requires_grad_(False) on it"
-    )
+_STATELESS_FIX = "To stop training its scale and shift, call module.requires_grad_(False) on it"
 
 
 def _select(obj: nn.Module, layers: Any) -> List[Tuple[str, nn.Module]]:
     """The layers ``layers`` selects in ``obj``, before any check of what they are."""
     named = list(obj.named_modules())
-    if layers is None:
-        return [(name, module) for name, module in named if _is_normalization(module)]
     if isinstance(layers, tuple):
         for kind in layers:
             if not (
@@ -141,13 +130,7 @@ def _select(obj: nn.Module, layers: Any) -> List[Tuple[str, nn.Module]]:
                     "statistics. Name those types, or select by name pattern or predicate."
                 )
         return [(name, module) for name, module in named if isinstance(module, layers)]
-    if isinstance(layers, re.Pattern):
-        return [(name, module) for name, module in named if _is_normalization(module) and layers.search(name)]
-    chosen = []
-    for name, module in named:
-        if _is_normalization(module) and layers(name, module):
-            chosen.append((name, module))
-    return chosen
+    return [(name, module) for name, module in named if _is_normalization(module) and selects(layers, name, module)]
 
 
 def _plan(obj: nn.Module, layers: Any) -> List[nn.Module]:
@@ -159,54 +142,33 @@ def _plan(obj: nn.Module, layers: Any) -> List[nn.Module]:
             already.append((name, module))
         elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
             raise UnsupportedLayerError(
-                f"{_describe(name, module)} is not materialized yet: its running statistics do not exist. "
+                f"{describe(name, module)} is not materialized yet: its running statistics do not exist. "
                 "Run the model once on a batch (or load a checkpoint), then freeze it."
             )
         elif isinstance(module, _NormBase) and _has_running_stats(module):
             to_freeze.append(module)
         elif isinstance(module, _BatchNorm):
             raise UnsupportedLayerError(
-                f"{_describe(name, module)} has track_running_stats=False: it has no stored statistics to "
+                f"{describe(name, module)} has track_running_stats=False: it has no stored statistics to "
                 "normalize with and uses each batch's in every mode, so it cannot be frozen. Leave it out "
                 "with layers=..., or build it with track_running_stats=True and fill its statistics first."
             )
         else:
             stateless.append((name, module))
     if isinstance(layers, tuple) and stateless:
-        raise UnsupportedLayerError(_stateless_reason(*stateless[0]) + "; leave its type out of layers=.")
+        raise UnsupportedLayerError(
+            stateless_reason(*stateless[0], _STATELESS_FIX) + "; leave its type out of layers=."
+        )
     if to_freeze:
         return to_freeze
-    what = type(obj).__name__
-    if already:
-        names = ", ".join(_describe(name, module) for name, module in already)
-        raise AlreadyFrozenError(
-            f"every layer selected in {what} is frozen already ({names}). Nothing to do; to change the options, "
-            "call xnorm.unfreeze(model) first, then xnorm.freeze(model, ...) again."
-        )
-    if stateless:
-        raise UnsupportedLayerError(
-            "; ".join(_stateless_reason(name, module) for name, module in stateless) + "."
-        )
-    if layers is None:
-        raise UnsupportedLayerError(
-            f"{what} contains no normalization layer with running statistics, so there is nothing to freeze. "
-            "xnorm.freeze applies to BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm with "
-            "track_running_stats=True; pass the model or layer that holds them."
-        )
-    candidates = [_describe(name, module) for name, module in obj.named_modules() if _is_normalization(module)]
-    raise OptionError(
-        f"layers={_show(layers)} selects no layer in {what}; its normalization layers are "
-        f"{', '.join(candidates) if candidates else 'none'}. Fix the selection (names are qualified, as "
-        "model.named_modules() gives them)."
+    raise nothing_to_freeze(
+        type(obj).__name__, layers, already=already, stateless=stateless, stateless_fix=_STATELESS_FIX,
+        no_layer="no normalization layer with running statistics, so there is nothing to freeze. xnorm.freeze "
+        "applies to BatchNorm1d/2d/3d, SyncBatchNorm and InstanceNorm with track_running_stats=True; pass the "
+        "model or layer that holds them.",
+        candidates=[(name, module) for name, module in obj.named_modules() if _is_normalization(module)],
+        naming="names are qualified, as model.named_modules() gives them",
     )
-
-
-def _show(layers: Any) -> str:
-    if isinstance(layers, re.Pattern):
-        return repr(layers.pattern)
-    if isinstance(layers, tuple):
-        return "(" + ", ".join(kind.__name__ for kind in layers) + ",)"
-    return getattr(layers, "__name__", repr(layers))
 
 
 def freeze(obj: nn.Module, *, affine: bool, layers: Optional[Any]) -> nn.Module:
