@@ -87,24 +87,17 @@ def _device_available(device: str) -> bool:
         return False
 
 
-def _asymmetric_transpose(cell: nn.Cell, pads: List[tuple], spatial: int) -> None:
-    """Make a Conv1dTranspose/Conv2dTranspose crop ``(before, after)`` per spatial axis, as torch's
-    ``padding`` plus ``output_padding`` does."""
-    if spatial == 1:
-        (before, after), = pads
-        cell.padding = (0, 0, before, after)
-        pad = cell.padding
-        prim = ops.Conv2DBackpropInput
-    else:
-        (top, bottom), (left, right) = pads
-        cell.padding_top, cell.padding_bottom, cell.padding_left, cell.padding_right = top, bottom, left, right
-        pad = (top, bottom, left, right)
-        prim = ops.Conv2DTranspose
+def _asymmetric_transpose1d(cell: nn.Cell, before: int, after: int) -> None:
+    """Make a Conv1dTranspose crop ``before`` and ``after`` (torch's ``padding`` plus ``output_padding``):
+    its constructor takes one symmetric padding, so the public ``padding`` (which xnorm's wrapper reads)
+    and the plain layer's own primitive are both set here."""
+    cell.padding = (0, 0, before, after)
     old = cell.conv2d_transpose
-    cell.conv2d_transpose = prim(out_channel=old.out_channel, kernel_size=old.kernel_size, mode=1, pad_mode="pad",
-                                 pad=pad, stride=old.stride[2:] if len(old.stride) == 4 else old.stride,
-                                 dilation=old.dilation[2:] if len(old.dilation) == 4 else old.dilation,
-                                 group=old.group)
+    cell.conv2d_transpose = ops.Conv2DBackpropInput(
+        out_channel=old.out_channel, kernel_size=old.kernel_size, mode=1, pad_mode="pad", pad=cell.padding,
+        stride=old.stride[2:] if len(old.stride) == 4 else old.stride,
+        dilation=old.dilation[2:] if len(old.dilation) == 4 else old.dilation, group=old.group,
+    )
 
 
 def build_mindspore_layer(layer: LayerCase, dtype) -> nn.Cell:
@@ -137,13 +130,12 @@ def build_mindspore_layer(layer: LayerCase, dtype) -> nn.Cell:
         cell = nn.Conv1dTranspose(layer.in_channels, layer.out_channels, layer.kernel_size[0],
                                   stride=layer.stride[0], padding=layer.padding[0], dilation=layer.dilation[0],
                                   **common)
-    else:
-        cell = nn.Conv2dTranspose(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                                  padding=tuple(p for pair in pairs for p in pair), dilation=layer.dilation,
-                                  **common)
-    if any(layer.output_padding):
-        _asymmetric_transpose(cell, crops, n)
-    return cell
+        if any(layer.output_padding):
+            _asymmetric_transpose1d(cell, *crops[0])
+        return cell
+    # Conv2dTranspose takes (top, bottom, left, right): the crops torch's output_padding leaves
+    return nn.Conv2dTranspose(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                              padding=tuple(p for pair in crops for p in pair), dilation=layer.dilation, **common)
 
 
 def _tensor(array: np.ndarray, dtype: str) -> Tensor:
