@@ -308,7 +308,7 @@ def _force_recompile(cell: nn.Cell) -> None:
 
 
 class MindSporeBackend(Backend):
-    """The ``"mindspore"`` backend (MindSpore >= 2.4, GRAPH_MODE and PYNATIVE_MODE)."""
+    """The ``"mindspore"`` backend (MindSpore >= 2.10, GRAPH_MODE and PYNATIVE_MODE)."""
 
     name = "mindspore"
 

@@ -18,6 +18,25 @@ import distributed_worker as worker  # noqa: E402 - the ranks' own module, share
 
 WORLD = 2
 
+# What torch versions older than the pinned one lack (nox -t compat, README "Supported versions")
+NO_FSDP2 = pytest.mark.skipif(
+    torch.__version__ < "2.6",
+    reason=f"not run: FSDP2's fully_shard is public from torch 2.6 (this is {torch.__version__})",
+)
+COMPILED_DDP_TRACE = pytest.mark.xfail(
+    torch.__version__ < "2.5", strict=True,
+    reason="torch 2.4's dynamo fails tracing the fused weight norm's addcmul under DDP (torch 2.13 and 2.15 pass)",
+)
+
+
+def _marked(scenario: str):
+    """``scenario`` as a parameter carrying what its torch version needs."""
+    if scenario.startswith("fsdp2"):
+        return pytest.param(scenario, marks=NO_FSDP2)
+    if scenario == "ddp-compiled":
+        return pytest.param(scenario, marks=COMPILED_DDP_TRACE)
+    return scenario
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
@@ -37,7 +56,7 @@ def _single_process(loss: str) -> dict:
     return worker.full_state(model)
 
 
-@pytest.mark.parametrize("scenario", sorted(set(worker.SCENARIOS) - worker.EXTENDED))
+@pytest.mark.parametrize("scenario", [_marked(name) for name in sorted(set(worker.SCENARIOS) - worker.EXTENDED)])
 def test_every_rank_holds_the_same_values_and_they_equal_one_process_on_the_whole_batch(ranks, scenario):
     _check_against_one_process(ranks, scenario)
 
@@ -71,6 +90,7 @@ def _check_against_one_process(ranks, scenario):
     assert moved >= len(first) - 2, f"{scenario}: only {moved} of {len(first)} tensors changed in training"
 
 
+@NO_FSDP2
 @pytest.mark.parametrize("scenario", [name for name in sorted(worker.SCENARIOS) if name.startswith("fsdp2")])
 def test_fsdp2_shards_every_reparametrization_tensor_along_its_first_axis(ranks, scenario):
     full = {name: list(param.shape) for name, param in worker.build_model().named_parameters()}
@@ -83,11 +103,13 @@ def test_fsdp2_shards_every_reparametrization_tensor_along_its_first_axis(ranks,
             assert local[name] == [expected, *shape[1:]], f"{scenario} rank {rank}: {name} {local[name]} of {shape}"
 
 
+@COMPILED_DDP_TRACE
 def test_the_compiled_ddp_model_was_compiled(ranks):
     for rank in range(WORLD):
         assert _result(ranks, "ddp-compiled", rank)["compiled_graphs"] >= 1
 
 
+@NO_FSDP2
 def test_both_checkpoints_of_the_sharded_model_hold_the_gathered_state(ranks, tmp_path):
     """What an FSDP2 run saves for porting (docs/distributed.md): rank 0's file of the gathered state dict,
     and the sharded DCP directory once torch's own dcp_to_torch_save has gathered it, hold exactly the

@@ -65,10 +65,11 @@ def test_fused_zero_slice_of_a_padded_conv_is_nan_like_the_plain_layer(example):
     fz.check_lifecycle(FUSED, example)
 
 
-@pytest.mark.xfail(strict=True, reason="torch's float32 matrix_exp (parametrizations.orthogonal, which xnorm "
+@pytest.mark.xfail(torch.__version__ < "2.15", strict=True,
+                   reason="torch's float32 matrix_exp before 2.15 (parametrizations.orthogonal, which xnorm "
                    "matches bit for bit) misses the float32 weight tolerance on this 1x2 weight: 1.43e-5 off the "
-                   "float64 reference, 1.35x the allowed error; the table's float32 row was not measured for the "
-                   "orthogonal maps")
+                   "float64 reference, 1.35x the allowed error (torch 2.4 and 2.13; 2.15 passes); the table's "
+                   "float32 row was not measured for the orthogonal maps")
 def test_orthogonal_float32_matrix_exp_within_the_weight_tolerance():
     example = fz.ORTHOGONAL_FLOAT32
     native = PLAIN.build(example.case.layer, example.arrays()["weight"], None, "float32")
