@@ -22,6 +22,9 @@ from xnorm.conformance.tolerances import assert_close
 from xnorm.errors import CheckpointFileError
 
 SCENARIO = "fsdp2-supervised"
+# A torch FSDP2 run in this environment: in `nox -s distributed` (pytest -m extended), not in CI's time
+# budget; CI keeps tests/torch's check of both checkpoints and tests/core's refusal of a DCP directory.
+pytestmark = pytest.mark.extended
 
 
 @pytest.fixture(autouse=True)
