@@ -41,9 +41,11 @@ EXIT_INCOMPLETE = 3
 
 
 def _conformance(args) -> int:
-    from .conformance.adapters import adapter_names, installed_adapters
+    from .conformance.adapters import OTHER_IMPLEMENTATIONS, adapter_names, installed_adapters
 
     names = [n for selector in (args.backend or installed_adapters()) for n in adapter_names(selector)]
+    if args.xnorm_only:
+        names = [name for name in names if name not in OTHER_IMPLEMENTATIONS]
     if not names:
         print("no backend is installed in this environment; see `xnorm info` for what to install", file=sys.stderr)
         return 2
@@ -298,6 +300,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     conf.add_argument("--best-effort", action="store_true", help=best_effort)
     conf.add_argument(
         "--jobs", type=int, default=None, help="adapters run side by side, each in its own process (default: cores)"
+    )
+    conf.add_argument(
+        "--xnorm-only", action="store_true",
+        help="leave out the adapters of other implementations (the frameworks' own weight norms, mindspore-assign)",
     )
     conf.set_defaults(run=_conformance)
     report = sub.add_parser("report", help="combine saved results into one report with cross-backend agreement")

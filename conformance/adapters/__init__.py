@@ -40,6 +40,13 @@ BACKEND_ADAPTERS: Dict[str, Tuple[str, ...]] = {
     "flax": ("flax-linen", "flax-nnx", "flax-linen-fused", "flax-nnx-fused", "flax-linen-native", "flax-nnx-native"),
 }
 
+#: adapters of other implementations than xnorm's (the frameworks' own, a community pattern), run through
+#: the same cases to show where each departs from the spec: in the report (nox -t report), and out of CI's
+#: tests (``xnorm conformance --xnorm-only``), which check xnorm's own
+OTHER_IMPLEMENTATIONS: Tuple[str, ...] = (
+    "torch-parametrizations", "torch-legacy", "mindspore-assign", "flax-linen-native", "flax-nnx-native",
+)
+
 
 def adapter_names(selector: str) -> List[str]:
     """Expand a ``--backend`` value: a backend name, an adapter name or ``module:Class``."""
