@@ -17,6 +17,12 @@ Tasks and variants:
   the callable blocks on the new parameters (``block_until_ready``). Variants ``plain``, ``xnorm``,
   ``xnorm-fused`` and the group's native weight norm (``native:linen.WeightNorm`` or
   ``native:nnx.WeightNorm``).
+* ``train`` of spectral norm (groups ``<api>/<platform>/spectral``, sizes ``--spectral-sizes``, the
+  layers above): ``plain``, ``xnorm`` (``xnorm.spectral_norm(layer)``; linen with ``variables=``) and the
+  api's own (``native:linen.SpectralNorm`` or ``native:nnx.SpectralNorm``), one power iteration per
+  step in training mode, every variant's default. Each step keeps the power-iteration state it writes
+  for the next, as training does: linen steps call ``update_stats=True`` with ``batch_stats`` mutable and
+  feed the returned ``batch_stats`` to the next step; NNX steps carry it in the split state.
 * ``train`` of the orthogonal parametrization (groups ``<api>/<platform>/orth-<map>``,
   ``harness.ORTHOGONAL_SIZES``): ``plain`` and ``xnorm`` (``xnorm.orthogonal(layer, map)``); Flax has no
   orthogonal parametrization of its own.
@@ -30,7 +36,11 @@ costs more than the whole Linear 64->64 step on a CPU.
 
 Flax's ``nnx.WeightNorm`` keeps its scales in a plain dict (``nnx.data``), not in ``nnx.Param``s, and
 writes the normalised kernel back into the wrapped layer on every call: its step trains what it
-exposes as ``nnx.Param`` (the layer's kernel and bias), and that is noted in its rows.
+exposes as ``nnx.Param`` (the layer's kernel and bias), and that is noted in its rows. Its
+``nnx.SpectralNorm`` likewise writes ``W / sigma`` back into the layer's kernel: the next step iterates on
+and trains that. Both of Flax's spectral norms flatten the kernel to ``(-1, out_features)`` and store u
+and sigma: for ``Dense`` and ``Conv`` that is xnorm's ``dim=0`` matrix transposed, rows reordered, so
+sigma is the same and one iteration costs the same two matrix-vector products (noted in their rows).
 """
 
 from __future__ import annotations
@@ -105,22 +115,33 @@ def _loss(y):
 # ------------------------------------------------------------------------------------------------
 # linen
 # ------------------------------------------------------------------------------------------------
-def _linen_train(module: nn.Module, params, x, state=None) -> Callable[[], object]:
-    """``state``: the other collections the module reads and never writes (the orthogonal ``batch_stats``)."""
+def _linen_train(module: nn.Module, params, x, state=None, *, update_stats: bool = False) -> Callable[[], object]:
+    """``state``: the module's other collections. By default it reads them and never writes them (the orthogonal
+    ``batch_stats``). ``update_stats=True`` is a training-mode use of a spectral norm (the keyword of xnorm's
+    and Flax's linen wrappers): the collections are mutable, and each step feeds the state it returns into
+    the next, as a training loop does."""
     tx = optax.sgd(LEARNING_RATE)
     state = dict(state or {})
+    # read-only state stays a constant of the jitted step, as before; only written state travels through it
+    fixed, carried = ({}, state) if update_stats else (state, {})
+    apply_options = {"update_stats": True, "mutable": list(carried)} if update_stats else {}
+
+    def loss(params, carried, x):
+        out = module.apply({"params": params, **fixed, **carried}, x, **apply_options)
+        y, carried = out if update_stats else (out, carried)
+        return _loss(y), carried
 
     @jax.jit
-    def step(params, opt_state, x):
-        grads = jax.grad(lambda p: _loss(module.apply({"params": p, **state}, x)))(params)
+    def step(params, opt_state, carried, x):
+        grads, carried = jax.grad(loss, has_aux=True)(params, carried, x)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return optax.apply_updates(params, updates), opt_state, carried
 
-    box = [params, tx.init(params)]
+    box = [params, tx.init(params), carried]
 
     def call():
-        box[0], box[1] = step(box[0], box[1], x)
-        jax.block_until_ready(box[0])
+        box[0], box[1], box[2] = step(box[0], box[1], box[2], x)
+        jax.block_until_ready((box[0], box[2]))
 
     return call
 
@@ -218,6 +239,61 @@ def nnx_candidates(size: str, task: str, quick: bool) -> Tuple[Dict[str, Callabl
     }, notes
 
 
+SPECTRAL_NOTES = {
+    "plain": "",
+    "xnorm": "xnorm.spectral_norm in training mode: one power iteration per step, the new u and v carried into "
+    "the next step",
+    "native:linen.SpectralNorm": "update_stats=True: one power iteration per step, the new u and sigma "
+    "(batch_stats) carried into the next step",
+    "native:nnx.SpectralNorm": "update_stats=True (its default): one power iteration per step, u and sigma "
+    "stored; it also writes W/sigma back into the layer's kernel, so each step iterates on and trains the "
+    "previous step's normalised kernel",
+}
+FLAX_SPECTRAL_VIEW_NOTE = (
+    "Flax flattens the kernel to (-1, out_features): for Dense and Conv the transpose of xnorm's dim=0 matrix "
+    "with its rows in another order (the same sigma); it stores u (out_features) and sigma, where xnorm stores "
+    "u and v"
+)
+
+
+def spectral_candidates(api: str, size: str, quick: bool) -> Dict[str, Callable[[], object]]:
+    """Training steps of ``size``'s layer (the weight-norm rows' layer), plain and with each spectral norm, all
+    from the plain layer's weights. u (and v) are each implementation's own draw: one iteration's cost does
+    not depend on them."""
+    make_linen, make_nnx, shape, _ = make_size(size, quick)
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    if api == "linen":
+        layer = make_linen()
+        variables = layer.init(jax.random.key(0), x)
+        wrapped, wrapped_vars = xnorm.spectral_norm(layer, variables=variables, rngs=0)
+        native = nn.SpectralNorm(make_linen())
+        native_vars = native.init(jax.random.key(0), x, update_stats=False)
+        (inner_scope,) = native_vars["params"]  # the wrapped layer's scope: given the plain layer's weights
+        return {
+            "plain": _linen_train(layer, variables["params"], x),
+            "xnorm": _linen_train(wrapped, wrapped_vars["params"], x, {"batch_stats": wrapped_vars["batch_stats"]},
+                                  update_stats=True),
+            "native:linen.SpectralNorm": _linen_train(native, {inner_scope: variables["params"]}, x,
+                                                      {"batch_stats": native_vars["batch_stats"]}, update_stats=True),
+        }
+    return {
+        "plain": _nnx_train(make_nnx(), x),
+        "xnorm": _nnx_train(xnorm.spectral_norm(make_nnx(), rngs=0), x),
+        "native:nnx.SpectralNorm": _nnx_train(nnx.SpectralNorm(make_nnx(), rngs=nnx.Rngs(0)), x),
+    }
+
+
+def spectral_rows(args, api: str, platform: str, note: str) -> List[harness.Measurement]:
+    """:func:`harness.spectral_rows` of one api, each row's note saying what its variant does per step."""
+    rows = harness.spectral_rows(args, f"{api}/{platform}", lambda size: spectral_candidates(api, size, args.quick),
+                                 DEFAULT_REPEATS, DEFAULT_WARMUP, note)
+    for row in rows:
+        native_view = FLAX_SPECTRAL_VIEW_NOTE if row.variant.startswith("native:") else ""
+        quick_shapes = make_size(row.size, args.quick)[3]
+        row.note = "; ".join(filter(None, (row.note, quick_shapes, SPECTRAL_NOTES[row.variant], native_view)))
+    return rows
+
+
 def orthogonal_candidates(api: str, features: int, orthogonal_map: str) -> Dict[str, Callable[[], object]]:
     """Training steps of a square Dense/Linear, plain and with xnorm's orthogonal (Flax has none of its own);
     square, so registration draws nothing; linen's kernel_base rides along in batch_stats, read-only."""
@@ -290,7 +366,7 @@ def print_table(rows: List[harness.Measurement]) -> None:
     print("\nmedian ratios (per repetition, then median): variant / plain and variant / native")
     print(f"{'group':10s} {'size':14s} {'task':9s} {'variant':24s} {'ms':>10s} {'/plain':>7s} {'/native':>8s}")
     for (group, size, task), variants in by_key.items():
-        if harness.is_orthogonal_group(group):
+        if harness.is_reparametrization_group(group):
             continue
         plain = variants["plain"].per_call_ms
         native = next((row.per_call_ms for name, row in variants.items() if name.startswith("native:")), None)
@@ -313,6 +389,7 @@ def main(argv: List[str] | None = None) -> int:
     for platform in platforms():
         with jax.default_device(jax.devices(platform)[0]):
             for api in ("linen", "nnx"):
+                rows += spectral_rows(args, api, platform, note)
                 rows += harness.orthogonal_rows(
                     args, f"{api}/{platform}", lambda features, orthogonal_map, api=api: orthogonal_candidates(
                         api, features, orthogonal_map), note)
@@ -325,7 +402,7 @@ def main(argv: List[str] | None = None) -> int:
     )
     path = harness.save("flax", rows, machine, args.results_dir)
     print_table(rows)
-    harness.print_orthogonal_table(rows)
+    harness.print_native_table(rows)
     print(f"\nsaved {path}")
     return 0
 

@@ -21,6 +21,9 @@ train; the MindSpore 2.x idiom, and the same graph a ``TrainOneStepCell`` compil
     so it is timed forward only; MindSpore has no weight norm of its own.
 ``inference`` (``set_train(False)``)
     ``plain``, ``removed`` (``xnorm.remove`` of a wrapped copy), ``xnorm``, ``xnorm-fused``.
+``train`` of spectral norm (group ``graph/<device>/spectral``, sizes ``--spectral-sizes``)
+    ``plain`` and ``xnorm`` (``xnorm.spectral_norm(layer)``, one power iteration per step, u and v
+    written back in the graph): MindSpore has no spectral norm of its own.
 ``train`` of the orthogonal parametrization (groups ``graph/<device>/orth-<map>``, ``harness.ORTHOGONAL_SIZES``)
     ``plain`` and ``xnorm`` (``xnorm.orthogonal(layer, map)``): MindSpore has no orthogonal parametrization.
 ``compile`` (size ``small-model``: 4 Conv1d + 2 Dense, every layer wrapped)
@@ -147,6 +150,17 @@ def train_step(cell: nn.Cell) -> Callable[[Tensor], Tensor]:
     return step
 
 
+def spectral_candidates(size: str) -> Dict[str, Callable[[], Tensor]]:
+    """Compiled training steps of ``size``'s layer, plain and with xnorm's spectral norm (MindSpore has none of its
+    own), from the same weights; the wrapper starts in training mode, so every step iterates once and assigns
+    the new u and v."""
+    factory, input_shape = LAYERS[size]
+    build = _seeded(factory)
+    x = Tensor(np.random.default_rng(1).standard_normal(input_shape).astype(np.float32))
+    steps = {"plain": train_step(build()), "xnorm": train_step(xnorm.spectral_norm(build()))}
+    return {variant: (lambda step=step: step(x)) for variant, step in steps.items()}
+
+
 def orthogonal_candidates(features: int, orthogonal_map: str) -> Dict[str, Callable[[], Tensor]]:
     """Compiled training steps of a square Dense, plain and with xnorm's orthogonal (MindSpore has none of its
     own), from the same weights."""
@@ -266,7 +280,7 @@ def ratio(rows: List[harness.Measurement], variant: str, baseline: str) -> Optio
 
 def print_table(rows: List[harness.Measurement]) -> None:
     order = list(LAYERS) + [COMPILE_SIZE]
-    rows = [row for row in rows if not harness.is_orthogonal_group(row.group)]
+    rows = [row for row in rows if not harness.is_reparametrization_group(row.group)]
     tasks = ("train", "forward", "inference", "compile")
     keys = sorted(
         {(row.group, row.size, row.task) for row in rows}, key=lambda k: (k[0], order.index(k[1]), tasks.index(k[2]))
@@ -316,9 +330,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         size_start = time.perf_counter()
         rows += run_size(group, size, repeats, warmup, min_rep_seconds)
         print(f"{group} {size}: {time.perf_counter() - size_start:.1f} s", file=sys.stderr)
-    rows += harness.orthogonal_rows(
-        args, group, orthogonal_candidates, f"GRAPH_MODE; jit(value_and_grad + nn.SGD lr={LEARNING_RATE:g}); loss "
-        "mean(y**2)", _sync)
+    train_note = f"GRAPH_MODE; jit(value_and_grad + nn.SGD lr={LEARNING_RATE:g}); loss mean(y**2)"
+    rows += harness.spectral_rows(
+        args, group, spectral_candidates, DEFAULT_REPEATS, DEFAULT_WARMUP,
+        f"{train_note}; xnorm: one power iteration per step, u and v written back by ops.assign in the graph", _sync)
+    rows += harness.orthogonal_rows(args, group, orthogonal_candidates, train_note, _sync)
     compile_start = time.perf_counter()
     rows += run_compile(group, args.repeats or (2 if args.quick else COMPILE_REPEATS))
     print(f"{group} {COMPILE_SIZE} compile: {time.perf_counter() - compile_start:.1f} s", file=sys.stderr)
@@ -332,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     path = harness.save("mindspore", rows, machine, args.results_dir)
     print_table(rows)
-    harness.print_orthogonal_table(rows)
+    harness.print_native_table(rows)
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s, saved to {path}")
     return 0
 
