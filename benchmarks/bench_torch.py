@@ -17,6 +17,14 @@ train by default)
     the same plus ``native:parametrizations-cached`` (each forward inside
     ``torch.nn.utils.parametrize.cached()``) and ``removed`` (``xnorm.remove`` of a wrapped copy).
 
+``train`` compiled (group ``<group>/compiled``, sizes ``--compiled-sizes``)
+    ``plain``, ``xnorm``, ``xnorm-fused``, each module passed through ``torch.compile`` (inductor, the
+    default backend) as a torch user compiles a model; backward and SGD as in eager. Compiling happens
+    in the warm-up calls, outside the timing.
+``train`` of spectral norm (group ``<group>/spectral``, sizes ``--spectral-sizes``)
+    ``plain``, ``xnorm`` (``xnorm.spectral_norm(layer)``), ``native:parametrizations``
+    (``torch.nn.utils.parametrizations.spectral_norm``) and ``native:legacy``
+    (``torch.nn.utils.spectral_norm``), one power iteration per step, every variant's default dim.
 ``train`` of the orthogonal parametrization (groups ``<group>/orth-<map>``, sizes ``harness.ORTHOGONAL_SIZES``)
     ``plain``, ``xnorm`` (``xnorm.orthogonal(layer, map)``), ``native:parametrizations``
     (``torch.nn.utils.parametrizations.orthogonal``), for each map.
@@ -40,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal as parametrizations_orthogonal
+from torch.nn.utils.parametrizations import spectral_norm as parametrizations_spectral_norm
 from torch.nn.utils.parametrizations import weight_norm as parametrizations_weight_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,6 +107,46 @@ def build_variant(variant: str, plain: nn.Module) -> nn.Module:
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def _legacy_spectral_norm(module: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.nn.utils.spectral_norm(module)
+
+
+#: spectral norm's variants: name -> what it does to a copy of the plain layer
+SPECTRAL_VARIANTS: Dict[str, Callable[[nn.Module], nn.Module]] = {
+    "plain": lambda module: module,
+    "xnorm": lambda module: xnorm.spectral_norm(module),
+    "native:parametrizations": lambda module: parametrizations_spectral_norm(module),
+    "native:legacy": _legacy_spectral_norm,
+}
+
+
+def spectral_candidates(size: str, device: str) -> Dict[str, Callable[[], None]]:
+    """Training steps of ``size``'s layer, plain and with each spectral norm; every variant copies one plain
+    layer. The power-iteration vectors are each implementation's own random draw: one iteration's cost does
+    not depend on them."""
+    plain, x = _plain_layer_and_input(size, device)
+    return {variant: train_step(make(copy.deepcopy(plain)), x) for variant, make in SPECTRAL_VARIANTS.items()}
+
+
+COMPILED_VARIANTS = ("plain", "xnorm", "xnorm-fused")
+
+
+def compiled_candidates(size: str, device: str) -> Dict[str, Callable[[], None]]:
+    """Training steps of ``torch.compile`` of each variant (plain, xnorm, xnorm fused) of ``size``'s layer."""
+    plain, x = _plain_layer_and_input(size, device)
+    torch._dynamo.reset()  # each size compiles its own graphs; earlier sizes' guards would only slow lookups
+    return {variant: train_step(build_variant(variant, plain), x, compile=True) for variant in COMPILED_VARIANTS}
+
+
+def _plain_layer_and_input(size: str, device: str) -> Tuple[nn.Module, torch.Tensor]:
+    factory, input_shape = LAYERS[size]
+    torch.manual_seed(0)
+    plain = factory().to(device)
+    return plain, torch.randn(input_shape, generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def orthogonal_candidates(features: int, orthogonal_map: str, device: str) -> Dict[str, Callable[[], None]]:
     """Training steps of a square Linear: plain, xnorm's and torch's own orthogonal (both register the same
     square weight, which draws nothing: they start from the same base)."""
@@ -112,13 +161,14 @@ def orthogonal_candidates(features: int, orthogonal_map: str, device: str) -> Di
     return {variant: train_step(module, x) for variant, module in modules.items()}
 
 
-def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def train_step(module: nn.Module, x: torch.Tensor, *, compile: bool = False) -> Callable[[], None]:
     optimizer = torch.optim.SGD(module.parameters(), lr=LEARNING_RATE)
     module.train()
+    forward = torch.compile(module) if compile else module
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        module(x).square().mean().backward()
+        forward(x).square().mean().backward()
         optimizer.step()
 
     return step
@@ -141,10 +191,7 @@ def inference_call(module: nn.Module, x: torch.Tensor, *, cached: bool = False) 
 def run_size(
     group: str, size: str, device: str, repeats: int, warmup: int, min_rep_seconds: float, sync
 ) -> List[harness.Measurement]:
-    factory, input_shape = LAYERS[size]
-    torch.manual_seed(0)
-    plain = factory().to(device)
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(1)).to(device)
+    plain, x = _plain_layer_and_input(size, device)
     rows = []
     for task, variants in (("train", TRAIN_VARIANTS), ("inference", INFERENCE_VARIANTS)):
         candidates = {}
@@ -181,11 +228,11 @@ def best_xnorm_ratio(rows: List[harness.Measurement], baseline: str) -> Tuple[Op
 
 def print_table(rows: List[harness.Measurement]) -> None:
     order = list(LAYERS)
-    rows = [row for row in rows if not harness.is_orthogonal_group(row.group)]
+    rows = [row for row in rows if not harness.is_reparametrization_group(row.group)]
     keys = sorted({(row.group, row.size, row.task) for row in rows}, key=lambda k: (k[0], order.index(k[1]), k[2]))
     print("\nmedian per-repetition ratios (lower is faster); plain ms = median time per call of the plain layer")
     header = (
-        f"{'group':<6} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} "
+        f"{'group':<14} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} "
         f"{'native':>7} {'legacy':>7} {'cached':>7} {'removed':>7} {'best/native':>12}"
     )
     print(header)
@@ -201,7 +248,7 @@ def print_table(rows: List[harness.Measurement]) -> None:
         best, mode = best_xnorm_ratio(these, "native:parametrizations")
         best_text = f"{best:.3f} ({'fused' if mode == 'xnorm-fused' else 'xnorm'})" if best is not None else "-"
         print(
-            f"{group:<6} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
+            f"{group:<14} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
             f"{cell('native:parametrizations')} {cell('native:legacy')} {cell('native:parametrizations-cached')} "
             f"{cell('removed')} {best_text:>12}"
         )
@@ -210,7 +257,7 @@ def print_table(rows: List[harness.Measurement]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args, sizes = harness.parse_args(
-        __doc__.split("\n\n")[0], argv, quick_help="a smoke test: 2 repetitions, tiny warm-up"
+        __doc__.split("\n\n")[0], argv, quick_help="a smoke test: 2 repetitions, tiny warm-up", compiled=True
     )
 
     groups = [("cpu", "cpu", None)]
@@ -228,9 +275,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             size_start = time.perf_counter()
             rows += run_size(group, size, device, repeats, warmup, min_rep_seconds, sync)
             print(f"{group} {size}: {time.perf_counter() - size_start:.1f} s", file=sys.stderr)
+        train_note = f"eager; SGD lr={LEARNING_RATE:g}; loss mean(y**2)"
+        rows += harness.spectral_rows(args, group, lambda size, device=device: spectral_candidates(size, device),
+                                      DEFAULT_REPEATS, DEFAULT_WARMUP, train_note, sync)
+        for size in args.compiled_sizes:
+            size_start = time.perf_counter()
+            candidates = compiled_candidates(size, device)
+            if args.quick:
+                repeats, warmup, min_rep_seconds = args.repeats or 2, 2, 0.0
+            else:
+                # two warm-up calls at least: the first compiles, the second runs the compiled graphs once
+                repeats, min_rep_seconds = args.repeats or DEFAULT_REPEATS[size], 0.1
+                warmup = max(2, DEFAULT_WARMUP[size])
+            times = harness.interleave(candidates, repeats=repeats, warmup=warmup, min_rep_seconds=min_rep_seconds,
+                                       sync=sync)
+            rows += [harness.Measurement(f"{group}/compiled", size, "train", variant, times[variant],
+                                         note=f"torch.compile (inductor) of the module; {train_note}")
+                     for variant in candidates]
+            print(f"{group} compiled {size}: {time.perf_counter() - size_start:.1f} s", file=sys.stderr)
         rows += harness.orthogonal_rows(
             args, group, lambda features, orthogonal_map, device=device: orthogonal_candidates(
-                features, orthogonal_map, device), f"eager; SGD lr={LEARNING_RATE:g}; loss mean(y**2)", sync)
+                features, orthogonal_map, device), train_note, sync)
 
     machine = harness.machine_info(
         torch=torch.__version__,
@@ -240,7 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     path = harness.save("torch", rows, machine, args.results_dir)
     print_table(rows)
-    harness.print_orthogonal_table(rows)
+    harness.print_native_table(rows)
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s, saved to {path}")
     return 0
 

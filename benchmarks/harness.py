@@ -25,7 +25,11 @@ interleaved by one :func:`interleave` call. ``group`` names the mode and device 
 
 The orthogonal parametrization's rows (:data:`ORTHOGONAL_SIZES`) live in the groups
 ``<group>/orth-<map>``, where ``xnorm`` is ``xnorm.orthogonal(layer, map)`` and
-``native:parametrizations`` torch's own ``parametrizations.orthogonal``.
+``native:parametrizations`` torch's own ``parametrizations.orthogonal``. Spectral norm's rows (the
+sizes of :data:`SIZES`, one power iteration per step, the frameworks' default) live in the groups
+``<group>/spectral``, where ``xnorm`` is ``xnorm.spectral_norm(layer)`` and ``native:*`` the
+framework's own spectral norm. torch's compiled rows live in ``<group>/compiled``: every variant is
+the eager one passed through ``torch.compile`` (inductor).
 
 ``benchmarks/report.py`` turns them into the ratio tables, the JSON summary and the plot.
 """
@@ -53,6 +57,10 @@ SIZES = {
     "conv2d-64-3x3": "Conv2d 64->64, 3x3, batch 16 x 64x64",
 }
 
+#: The sizes of torch's compiled rows by default (issue 15's targets: Linear 1024 and the convolutions; Linear 64
+#: is overhead-bound, where compiling is not what a user would do first).
+COMPILED_SIZES = ("linear-1024", "conv1d-512-k7", "conv2d-64-3x3")
+
 #: The orthogonal parametrization's sizes (issue 12): a training step of a square Linear, timed per map in the
 #: groups ``<group>/orth-<map>`` (variants ``plain``, ``xnorm``, ``native:parametrizations`` where the
 #: framework has one), so that report.py's wrapped/plain and xnorm/native ratios apply unchanged.
@@ -66,6 +74,11 @@ ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
 #: 1024 takes seconds, so calibrated repetitions would last minutes.
 ORTHOGONAL_REPEATS = {"linear-256": 15, "linear-1024": 5}
 ORTHOGONAL_WARMUP = {"linear-256": 2, "linear-1024": 1}
+
+
+def spectral_group(group: str) -> str:
+    """The group of the spectral-norm rows timed in ``group``."""
+    return f"{group}/spectral"
 
 
 def orthogonal_group(group: str, orthogonal_map: str) -> str:
@@ -98,26 +111,56 @@ def orthogonal_rows(args, group: str, candidates_for: Callable[[int, str], Mappi
     return rows
 
 
-def print_orthogonal_table(rows: List[Measurement]) -> None:
-    """The orthogonal rows' median per-repetition ratios: xnorm and native against plain, xnorm against native."""
-    rows = [row for row in rows if is_orthogonal_group(row.group)]
+def spectral_rows(args, group: str, candidates_for: Callable[[str], Mapping[str, Callable[[], object]]],
+                  repeats: Mapping[str, int], warmup: Mapping[str, int], note: str,
+                  sync: Optional[Callable[[], None]] = None) -> List[Measurement]:
+    """Time spectral norm's training steps at ``args.spectral_sizes`` in ``spectral_group(group)``:
+    ``candidates_for(size)`` returns the backend's ``{variant: step}`` (``plain``, ``xnorm``, ``native:*``), all
+    starting from the same weights; ``repeats``/``warmup`` are the backend's per-size defaults."""
+    rows = []
+    for size in args.spectral_sizes:
+        started = time.perf_counter()
+        if args.quick:
+            size_repeats, size_warmup, min_rep_seconds = args.repeats or 2, 1, 0.0
+        else:
+            size_repeats, size_warmup, min_rep_seconds = args.repeats or repeats[size], warmup[size], 0.1
+        candidates = candidates_for(size)
+        times = interleave(candidates, repeats=size_repeats, warmup=size_warmup, min_rep_seconds=min_rep_seconds,
+                           sync=sync)
+        rows += [Measurement(spectral_group(group), size, "train", variant, times[variant], note=note)
+                 for variant in candidates]
+        print(f"{group} spectral {size}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return rows
+
+
+def is_reparametrization_group(group: str) -> bool:
+    """Rows of another reparametrization than weight norm (their own tables: :func:`print_native_table`)."""
+    return is_orthogonal_group(group) or group.endswith("/spectral")
+
+
+def print_native_table(rows: List[Measurement]) -> None:
+    """Median per-repetition ratios of the orthogonal and spectral-norm rows: xnorm and each native against
+    plain, xnorm against each native."""
+    rows = [row for row in rows if is_reparametrization_group(row.group)]
     if not rows:
         return
-    keys = sorted({(row.group, row.size) for row in rows}, key=lambda k: (list(ORTHOGONAL_SIZES).index(k[1]), k[0]))
-    print("\northogonal training step: median per-repetition ratios (lower is faster)")
-    header = f"{'group':<28} {'size':<12} {'plain ms':>9} {'xnorm':>8} {'native':>8} {'xnorm/native':>13}"
+    order = list(ORTHOGONAL_SIZES) + [size for size in SIZES if size not in ORTHOGONAL_SIZES]
+    keys = sorted({(row.group, row.size) for row in rows},
+                  key=lambda k: (k[0].rsplit("/", 1)[1], order.index(k[1]), k[0]))
+    print("\nspectral norm and orthogonal training step: median per-repetition ratios (lower is faster)")
+    header = f"{'group':<28} {'size':<14} {'plain ms':>9} {'xnorm':>8}  against each native: native/plain, xnorm/native"
     print(header)
     print("-" * len(header))
     for group, size in keys:
         times = {row.variant: row.per_call_ms for row in rows if (row.group, row.size) == (group, size)}
 
         def ratio(a: str, b: str, times=times) -> str:
-            if a not in times or b not in times:
-                return "-"
             return f"{statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)):.3f}"
 
-        print(f"{group:<28} {size:<12} {statistics.median(times['plain']):9.3f} {ratio('xnorm', 'plain'):>8} "
-              f"{ratio('native:parametrizations', 'plain'):>8} {ratio('xnorm', 'native:parametrizations'):>13}")
+        natives = "; ".join(f"{name}: {ratio(name, 'plain')}, {ratio('xnorm', name)}"
+                            for name in times if name.startswith("native:"))
+        print(f"{group:<28} {size:<14} {statistics.median(times['plain']):9.3f} {ratio('xnorm', 'plain'):>8}  "
+              f"{natives or '(no native)'}")
 
 
 #: Tasks a row can time.
@@ -217,8 +260,18 @@ def load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def parse_args(description: str, argv: Optional[List[str]], *, quick_help: str, sizes_help: str = ""):
-    """The command line every backend's benchmark shares; returns ``(args, sizes)``, sizes checked against SIZES."""
+def _size_list(parser: argparse.ArgumentParser, option: str, text: str, known) -> List[str]:
+    sizes = [size.strip() for size in text.split(",") if size.strip()]
+    unknown = [size for size in sizes if size not in known]
+    if unknown:
+        parser.error(f"unknown {option} size(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return sizes
+
+
+def parse_args(description: str, argv: Optional[List[str]], *, quick_help: str, sizes_help: str = "",
+               compiled: bool = False):
+    """The command line every backend's benchmark shares; returns ``(args, sizes)``, every size list checked
+    against SIZES or ORTHOGONAL_SIZES. ``compiled`` adds ``--compiled-sizes`` (torch.compile rows)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per variant (default: per size)")
     parser.add_argument(
@@ -228,17 +281,22 @@ def parse_args(description: str, argv: Optional[List[str]], *, quick_help: str, 
         "--orthogonal-sizes", default=",".join(ORTHOGONAL_SIZES),
         help=f"comma-separated orthogonal training-step sizes, from {', '.join(ORTHOGONAL_SIZES)}; '' for none",
     )
+    parser.add_argument(
+        "--spectral-sizes", default=",".join(SIZES),
+        help="comma-separated spectral-norm training-step sizes, from the sizes above; '' for none",
+    )
+    if compiled:
+        parser.add_argument(
+            "--compiled-sizes", default=",".join(COMPILED_SIZES),
+            help="comma-separated sizes of the torch.compile training-step rows, from the sizes above; '' for none",
+        )
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
-    unknown = [size for size in sizes if size not in SIZES]
-    if unknown:
-        parser.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
-    args.orthogonal_sizes = [size.strip() for size in args.orthogonal_sizes.split(",") if size.strip()]
-    unknown = [size for size in args.orthogonal_sizes if size not in ORTHOGONAL_SIZES]
-    if unknown:
-        parser.error(f"unknown orthogonal size(s) {', '.join(unknown)}; choose from {', '.join(ORTHOGONAL_SIZES)}")
+    sizes = _size_list(parser, "--sizes", args.sizes, SIZES)
+    args.orthogonal_sizes = _size_list(parser, "--orthogonal-sizes", args.orthogonal_sizes, ORTHOGONAL_SIZES)
+    args.spectral_sizes = _size_list(parser, "--spectral-sizes", args.spectral_sizes, SIZES)
+    args.compiled_sizes = _size_list(parser, "--compiled-sizes", args.compiled_sizes, SIZES) if compiled else []
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args, sizes

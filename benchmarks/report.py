@@ -1,4 +1,6 @@
-"""Turn the per-backend timing files into ratio tables (markdown, JSON) and a plot (PNG).
+"""Turn the per-backend timing files into ratio tables (markdown, JSON) and two plots (PNG), one per question:
+``overhead.png`` (xnorm's training step against the plain layer) and ``native.png`` (against the framework's
+own implementation), targets drawn.
 
     python benchmarks/report.py [--results-dir benchmarks/results] [--docs docs/performance.md]
 
@@ -140,7 +142,54 @@ def markdown(payloads: List[dict], all_ratios: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(all_ratios: List[dict], path: Path) -> bool:
+#: The targets the plots draw (issue 6 and issue 15), by question, then by group kind and size. A size
+#: without an entry has no target of its own there (Linear 64 is overhead-bound; the orthogonal sizes are
+#: compared with torch's own only).
+TARGETS = {
+    "wrapped/plain": {
+        "eager": {"linear-1024": 1.10, "conv1d-512-k7": 1.03, "conv2d-64-3x3": 1.03},
+        "compiled": {"linear-1024": 1.05, "conv1d-512-k7": 1.02, "conv2d-64-3x3": 1.02},
+    },
+    "xnorm/native": {
+        "eager": {"linear-64": 1.00, "linear-1024": 0.90, "conv1d-512-k7": 1.00, "conv2d-64-3x3": 1.00},
+        "reparametrization": {size: 1.00 for size in list(SIZES) + list(ORTHOGONAL_SIZES)},
+    },
+}
+FIGURES = {
+    "wrapped/plain": ("overhead.png", "training step, xnorm / plain layer (lower is faster)"),
+    "xnorm/native": ("native.png", "training step, xnorm / the framework's own implementation (lower is faster; "
+                     "f: xnorm's fused mode)"),
+}
+
+
+def _group_kind(group: str) -> str:
+    if group.endswith("/compiled"):
+        return "compiled"
+    if "/orth-" in group or group.endswith("/spectral"):
+        return "reparametrization"
+    return "eager"
+
+
+def _plotted(all_ratios: List[dict], kind: str) -> List[dict]:
+    """The training-step rows of one question: xnorm's modes only (not the natives against plain), weight
+    norm's eager and compiled groups against plain, every group against its natives."""
+    rows = [r for r in all_ratios if r["task"] == "train" and r["kind"] == kind]
+    if kind == "wrapped/plain":
+        rows = [r for r in rows if r["variant"] in XNORM_VARIANTS and _group_kind(r["group"]) != "reparametrization"]
+    return rows
+
+
+def _series(row: dict) -> str:
+    """A bar's legend entry: the group and variant; against a native, the group and the native (xnorm's best
+    mode differs by size: its bar is labelled "f" where that was the fused one)."""
+    if row["kind"] == "xnorm/native":
+        return f"{row['group']}: xnorm's best vs {row['variant'].split(' vs ', 1)[1]}"
+    return f"{row['group']}: {row['variant']}"
+
+
+def plot(all_ratios: List[dict], results_dir: Path) -> List[Path]:
+    """One figure per question (:data:`FIGURES`): a panel per backend, bars grouped by size (median, IQR as
+    error bars), each target drawn as a dashed line over its size. Returns the files written."""
     try:
         import matplotlib
 
@@ -148,25 +197,49 @@ def plot(all_ratios: List[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (nox -s bench installs it)", file=sys.stderr)
-        return False
-    rows = [r for r in all_ratios if r["task"] in ("train", "inference", "forward")]
-    if not rows:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.22 * len(rows))), squeeze=False)
-    for ax, kind in zip(axes[0], ("wrapped/plain", "xnorm/native"), strict=True):
-        chosen = [r for r in rows if r["kind"] == kind]
-        labels = [f"{r['backend']} {r['group']} {r['size']} {r['task']} {r['variant']}" for r in chosen]
-        medians = [r["median"] for r in chosen]
-        errors = [[r["median"] - r["q1"] for r in chosen], [r["q3"] - r["median"] for r in chosen]]
-        ax.barh(range(len(chosen)), medians, xerr=errors, color="tab:blue", alpha=0.7)
-        ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_yticks(range(len(chosen)), labels, fontsize=6)
-        ax.invert_yaxis()
-        ax.set_title(f"{kind} (median, IQR); 1.0 = same speed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        return []
+    written = []
+    size_order = list(SIZES) + [size for size in ORTHOGONAL_SIZES if size not in SIZES]
+    for kind, (name, title) in FIGURES.items():
+        rows = _plotted(all_ratios, kind)
+        backends = list(dict.fromkeys(r["backend"] for r in rows))
+        if not backends:
+            continue
+        fig, axes = plt.subplots(len(backends), 1, figsize=(13, 4.2 * len(backends)), squeeze=False)
+        for ax, backend in zip(axes[:, 0], backends, strict=True):
+            mine = [r for r in rows if r["backend"] == backend]
+            sizes = sorted({r["size"] for r in mine}, key=size_order.index)
+            series = list(dict.fromkeys(_series(r) for r in mine))
+            width = 0.8 / len(series)
+            for index, label in enumerate(series):
+                points = [(sizes.index(r["size"]), r) for r in mine if _series(r) == label]
+                xs = [x - 0.4 + width * (index + 0.5) for x, _ in points]
+                medians = [r["median"] for _, r in points]
+                errors = [[r["median"] - r["q1"] for _, r in points], [r["q3"] - r["median"] for _, r in points]]
+                ax.bar(xs, medians, width, yerr=errors, label=label, capsize=2)
+                for x, (_, r) in zip(xs, points, strict=True):
+                    fused = "f" if r["variant"].startswith("xnorm-fused vs") else ""
+                    ax.annotate(f"{r['median']:.2f}{fused}", (x, r["median"]), fontsize=7, ha="center",
+                                va="bottom", xytext=(0, 2), textcoords="offset points")
+            for x, size in enumerate(sizes):
+                targets = {TARGETS[kind].get(_group_kind(r["group"]), {}).get(size) for r in mine if r["size"] == size}
+                for target in sorted(t for t in targets if t is not None):
+                    ax.hlines(target, x - 0.45, x + 0.45, colors="red", linestyles="dashed", linewidth=1.2)
+                    ax.annotate(f"target {target:.2f}", (x + 0.45, target), fontsize=8, color="red",
+                                ha="right", va="bottom")
+            ax.axhline(1.0, color="black", linewidth=0.6)
+            # bars from a floor just under the lowest quartile: differences of a few percent stay visible
+            ax.set_ylim(bottom=max(0.0, round(min(r["q1"] for r in mine) - 0.15, 1)))
+            ax.set_xticks(range(len(sizes)), sizes)
+            ax.set_ylabel("ratio")
+            ax.set_title(f"{backend}: {title}")
+            ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.tight_layout()
+        path = results_dir / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main(argv=None) -> int:
@@ -185,7 +258,7 @@ def main(argv=None) -> int:
     (args.results_dir / "report.json").write_text(
         json.dumps({"ratios": all_ratios, "medians": [m for payload in payloads for m in _medians(payload)]}, indent=1)
     )
-    plotted = plot(all_ratios, args.results_dir / "ratios.png")
+    plotted = plot(all_ratios, args.results_dir)
     print(text)
     if args.docs:
         doc = args.docs.read_text()
@@ -195,7 +268,7 @@ def main(argv=None) -> int:
         head, _, rest = doc.partition(START)
         _, _, tail = rest.partition(END)
         args.docs.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-    print(f"(written: {args.results_dir / 'report.md'}, report.json{', ratios.png' if plotted else ''})")
+    print(f"(written: {args.results_dir / 'report.md'}, report.json{''.join(', ' + p.name for p in plotted)})")
     return 0
 
 

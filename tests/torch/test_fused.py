@@ -643,7 +643,7 @@ def test_benchmark_quick_smoke_run(tmp_path):
     script = ROOT / "benchmarks" / "bench_torch.py"
     done = subprocess.run(
         [sys.executable, str(script), "--quick", "--sizes", "linear-64", "--orthogonal-sizes", "linear-256",
-         "--results-dir", str(tmp_path)],
+         "--spectral-sizes", "linear-64", "--compiled-sizes", "", "--results-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -654,4 +654,22 @@ def test_benchmark_quick_smoke_run(tmp_path):
     orthogonal = {(row["group"], row["size"], row["variant"]) for row in rows if "/orth-" in row["group"]}
     assert orthogonal == {(f"cpu/orth-{m}", "linear-256", v) for m in ("matrix_exp", "cayley", "householder")
                           for v in ("plain", "xnorm", "native:parametrizations")}
+    spectral = {(row["group"], row["size"], row["variant"]) for row in rows if row["group"].endswith("/spectral")}
+    assert spectral == {("cpu/spectral", "linear-64", v)
+                        for v in ("plain", "xnorm", "native:parametrizations", "native:legacy")}
+    assert not [row for row in rows if "/compiled" in row["group"]]  # --compiled-sizes '' times none
     assert all(row["per_call_ms"] and all(t > 0 for t in row["per_call_ms"]) for row in rows)
+
+
+@pytest.mark.extended  # an inductor compile of three modules: about 40 s of C++ builds on this 2-core machine
+def test_benchmark_compiled_rows(tmp_path):
+    script = ROOT / "benchmarks" / "bench_torch.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--sizes", "", "--orthogonal-sizes", "", "--spectral-sizes", "",
+         "--compiled-sizes", "linear-64", "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "torch.json").read_text())["rows"]
+    assert {(row["group"], row["size"], row["task"], row["variant"]) for row in rows} == {
+        ("cpu/compiled", "linear-64", "train", v) for v in ("plain", "xnorm", "xnorm-fused")}
