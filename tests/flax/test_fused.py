@@ -565,8 +565,8 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "platforms", lambda: ["cpu"])
-    assert bench.main(["--quick", "--sizes", "linear-64", "--orthogonal-sizes", "linear-256", "--results-dir",
-                       str(tmp_path)]) == 0
+    assert bench.main(["--quick", "--sizes", "linear-64", "--orthogonal-sizes", "linear-256", "--spectral-sizes",
+                       "linear-64", "--results-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "flax.json").read_text())["rows"]
     found = {(row["group"], row["task"], row["variant"]) for row in rows}
     for api, native in (("linen", "native:linen.WeightNorm"), ("nnx", "native:nnx.WeightNorm")):
@@ -577,4 +577,6 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
         for orthogonal_map in ("matrix_exp", "cayley", "householder"):
             for variant in ("plain", "xnorm"):
                 assert (f"{api}/cpu/orth-{orthogonal_map}", "train", variant) in found
+        for variant in ("plain", "xnorm", native.replace("WeightNorm", "SpectralNorm")):
+            assert (f"{api}/cpu/spectral", "train", variant) in found
     assert all(len(row["per_call_ms"]) == 2 and min(row["per_call_ms"]) > 0 for row in rows)
