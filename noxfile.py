@@ -170,6 +170,11 @@ for _backend in BACKENDS:
         """Timings of one backend (plain, xnorm, xnorm fused, native), plus conversion where it applies."""
         _install(session, backend)
         session.run("python", f"benchmarks/bench_{backend}.py", "--results-dir", BENCH_RESULTS, *session.posargs)
+        if backend == "mindspore":
+            # the same timings with MindSpore's graph kernel fusion, whose CPU compiler needs `decorator`
+            session.install("-c", "constraints/mindspore-cpu.txt", "decorator")
+            session.run("python", "benchmarks/bench_mindspore.py", "--graph-kernel", "--results-dir", BENCH_RESULTS,
+                        *session.posargs)
         if backend != "torch":
             quick = ["--quick"] if "--quick" in session.posargs else []
             session.run(

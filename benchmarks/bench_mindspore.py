@@ -1,6 +1,6 @@
 """Benchmarks of the MindSpore backend (issue 6), GRAPH_MODE: training step, forward, inference, compile time.
 
-    python benchmarks/bench_mindspore.py [--repeats N] [--sizes a,b] [--quick] [--results-dir DIR]
+    python benchmarks/bench_mindspore.py [--repeats N] [--sizes a,b] [--quick] [--graph-kernel] [--results-dir DIR]
 
 writes ``<results-dir>/mindspore.json`` (default ``benchmarks/results/``; rows as described in
 ``benchmarks/harness.py``) and prints the median ratios. Every variant of one ``(group, size, task)``
@@ -30,7 +30,13 @@ train; the MindSpore 2.x idiom, and the same graph a ``TrainOneStepCell`` compil
     ``plain``, ``xnorm``, ``xnorm-fused``: per repetition a fresh model and a fresh jit training
     step; the first call (compile + run) minus the second (run) is the compile time.
 
-Group ``graph/<device>`` (``graph/cpu`` here). The default repeats keep a whole run near 4 minutes on
+Group ``graph/<device>`` (``graph/cpu`` here). With ``--graph-kernel`` every graph is compiled with
+MindSpore's graph kernel fusion (``enable_graph_kernel=True``: its bundled AKG compiler fuses elementwise
+ops and reductions into generated kernels; on the CPU it needs the ``decorator`` package, which
+MindSpore's wheel does not declare), groups ``graph-kernel/<device>``, saved as
+``mindspore-graph-kernel.json``: the same variants, so its ratios say what fusion buys each of them.
+
+The default repeats keep a whole run near 4 minutes on
 a quiet 2-core machine; the Conv1d (vocoder) size dominates it (about 60 GFLOP per forward, 0.7 s
 forward and 2 s per training step there), with one call per repetition.
 
@@ -287,7 +293,7 @@ def print_table(rows: List[harness.Measurement]) -> None:
     )
     print("\nmedian per-repetition ratios (lower is faster); plain ms = median time per call of the plain layer")
     header = (
-        f"{'group':<10} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} {'assign':>7} "
+        f"{'group':<16} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} {'assign':>7} "
         f"{'removed':>7} {'best/assign':>12}"
     )
     print(header)
@@ -304,7 +310,7 @@ def print_table(rows: List[harness.Measurement]) -> None:
         best = [(r, mode) for r, mode in best if r is not None]
         best_text = f"{min(best)[0]:.3f} ({'fused' if min(best)[1] == 'xnorm-fused' else 'xnorm'})" if best else "-"
         print(
-            f"{group:<10} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
+            f"{group:<16} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
             f"{cell('native:assign-wrapper')} {cell('removed')} {best_text:>12}"
         )
     print("columns xnorm..removed: variant / plain; assign = the ops.Assign community wrapper (forward only)")
@@ -316,10 +322,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv,
         quick_help="a smoke test: 2 repetitions, tiny warm-up",
         sizes_help="; the compile task always runs",
+        add_arguments=lambda parser: parser.add_argument(
+            "--graph-kernel", action="store_true",
+            help="every graph with MindSpore's graph kernel fusion (enable_graph_kernel=True; needs the "
+            "'decorator' package): groups graph-kernel/<device>, saved as mindspore-graph-kernel.json"),
     )
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    group = f"graph/{ms.get_context('device_target').lower()}"
+    ms.set_context(mode=ms.GRAPH_MODE, enable_graph_kernel=args.graph_kernel)
+    mode = "graph-kernel" if args.graph_kernel else "graph"
+    group = f"{mode}/{ms.get_context('device_target').lower()}"
     rows: List[harness.Measurement] = []
     started = time.perf_counter()
     for size in sizes:
@@ -341,12 +352,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     machine = harness.machine_info(
         mindspore=ms.__version__,
-        mode="GRAPH_MODE",
+        mode="GRAPH_MODE" + (", enable_graph_kernel=True" if args.graph_kernel else ""),
         device_target=ms.get_context("device_target"),
         onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
         quick=str(args.quick),
     )
-    path = harness.save("mindspore", rows, machine, args.results_dir)
+    path = harness.save("mindspore-graph-kernel" if args.graph_kernel else "mindspore", rows, machine, args.results_dir)
     print_table(rows)
     harness.print_native_table(rows)
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s, saved to {path}")

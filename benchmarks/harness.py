@@ -269,10 +269,13 @@ def _size_list(parser: argparse.ArgumentParser, option: str, text: str, known) -
 
 
 def parse_args(description: str, argv: Optional[List[str]], *, quick_help: str, sizes_help: str = "",
-               compiled: bool = False):
+               compiled: bool = False, add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None):
     """The command line every backend's benchmark shares; returns ``(args, sizes)``, every size list checked
-    against SIZES or ORTHOGONAL_SIZES. ``compiled`` adds ``--compiled-sizes`` (torch.compile rows)."""
+    against SIZES or ORTHOGONAL_SIZES. ``compiled`` adds ``--compiled-sizes`` (torch.compile rows);
+    ``add_arguments`` adds a backend's own options."""
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per variant (default: per size)")
     parser.add_argument(
         "--sizes", default=",".join(SIZES), help=f"comma-separated, from {', '.join(SIZES)}{sizes_help}"
