@@ -46,8 +46,11 @@ kernel it picks when limited to AVX2 (4.4 s against 0.03 s for the Conv2d size's
 with ``ONEDNN_VERBOSE=1``). Unless ``ONEDNN_MAX_CPU_ISA`` is already set, this script sets it to
 ``AVX2`` before MindSpore loads, so that the convolution sizes time the convolution and not that
 kernel choice; the value used is saved with the machine info. Set ``ONEDNN_MAX_CPU_ISA=ALL`` to time
-oneDNN's own choice. CPU graphs run synchronously (the call returns when the result is ready; timed
-with ``asnumpy`` afterwards: 0.1 ms), so only other devices call ``mindspore.runtime.synchronize``.
+oneDNN's own choice.
+
+Every timed call waits for its result (:func:`_finished`): MindSpore runs graphs asynchronously on the
+CPU as well. Results before 2026-12-02 did not wait, and charged some calls with an earlier variant's
+work (the 2.47x of the fused Dense 1024 training step on 2026-11-23, which no timing that waited reproduced).
 """
 
 from __future__ import annotations
@@ -97,10 +100,13 @@ INFERENCE_VARIANTS = ("plain", "removed", "xnorm", "xnorm-fused")
 COMPILE_VARIANTS = ("plain", "xnorm", "xnorm-fused")
 
 
-def _sync() -> None:
-    # CPU graphs have finished when the call returns (and synchronize() logs an error on the CPU).
-    if ms.get_context("device_target") != "CPU":
-        ms.runtime.synchronize()
+def _finished(output: Tensor) -> Tensor:
+    """``output`` once computed. MindSpore 2.10 runs graphs asynchronously on the CPU too: a Dense 1024 training
+    step returns after about 4 of its 10 ms (measured), so without this a timed call is charged with whatever
+    earlier call it waits behind, another variant's under round-robin. ``mindspore.runtime.synchronize()``
+    refuses the CPU; ``asnumpy`` waits for the tensor and, on the CPU, copies nothing (0.02 ms for 64 MB)."""
+    output.asnumpy()
+    return output
 
 
 def _seeded(factory: Callable[[], nn.Cell], seed: int = 0) -> Callable[[], nn.Cell]:
@@ -164,7 +170,7 @@ def spectral_candidates(size: str) -> Dict[str, Callable[[], Tensor]]:
     build = _seeded(factory)
     x = Tensor(np.random.default_rng(1).standard_normal(input_shape).astype(np.float32))
     steps = {"plain": train_step(build()), "xnorm": train_step(xnorm.spectral_norm(build()))}
-    return {variant: (lambda step=step: step(x)) for variant, step in steps.items()}
+    return {variant: (lambda step=step: _finished(step(x))) for variant, step in steps.items()}
 
 
 def orthogonal_candidates(features: int, orthogonal_map: str) -> Dict[str, Callable[[], Tensor]]:
@@ -173,7 +179,7 @@ def orthogonal_candidates(features: int, orthogonal_map: str) -> Dict[str, Calla
     build = _seeded(lambda: nn.Dense(features, features))
     x = Tensor(np.random.default_rng(1).standard_normal((64, features)).astype(np.float32))
     steps = {"plain": train_step(build()), "xnorm": train_step(xnorm.orthogonal(build(), orthogonal_map))}
-    return {variant: (lambda step=step: step(x)) for variant, step in steps.items()}
+    return {variant: (lambda step=step: _finished(step(x))) for variant, step in steps.items()}
 
 
 def forward_call(cell: nn.Cell, *, training: bool) -> Callable[[Tensor], Tensor]:
@@ -195,10 +201,8 @@ def run_size(group: str, size: str, repeats: int, warmup: int, min_rep_seconds: 
                 fn = train_step(cell)
             else:
                 fn = forward_call(cell, training=task == "forward")
-            candidates[variant] = lambda fn=fn: fn(x)
-        times = harness.interleave(
-            candidates, repeats=repeats, warmup=warmup, min_rep_seconds=min_rep_seconds, sync=_sync
-        )
+            candidates[variant] = lambda fn=fn: _finished(fn(x))
+        times = harness.interleave(candidates, repeats=repeats, warmup=warmup, min_rep_seconds=min_rep_seconds)
         note = {
             "train": f"GRAPH_MODE; jit(value_and_grad + nn.SGD lr={LEARNING_RATE:g}); loss mean(y**2); dim=0",
             "forward": "GRAPH_MODE Cell call, set_train(True); dim=0",
@@ -251,11 +255,9 @@ def run_compile(group: str, repeats: int) -> List[harness.Measurement]:
         for variant in names[shift:] + names[:shift]:
             step = train_step(SmallModel(_compile_wrapper(variant)))
             start = time.perf_counter()
-            step(x)
-            _sync()
+            _finished(step(x))
             first = time.perf_counter()
-            step(x)
-            _sync()
+            _finished(step(x))
             warm = time.perf_counter()
             times[variant].append(((first - start) - (warm - first)) * 1e3)
             extra[variant].append((warm - first) * 1e3)
@@ -344,8 +346,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     train_note = f"GRAPH_MODE; jit(value_and_grad + nn.SGD lr={LEARNING_RATE:g}); loss mean(y**2)"
     rows += harness.spectral_rows(
         args, group, spectral_candidates, DEFAULT_REPEATS, DEFAULT_WARMUP,
-        f"{train_note}; xnorm: one power iteration per step, u and v written back by ops.assign in the graph", _sync)
-    rows += harness.orthogonal_rows(args, group, orthogonal_candidates, train_note, _sync)
+        f"{train_note}; xnorm: one power iteration per step, u and v written back by ops.assign in the graph")
+    rows += harness.orthogonal_rows(args, group, orthogonal_candidates, train_note)
     compile_start = time.perf_counter()
     rows += run_compile(group, args.repeats or (2 if args.quick else COMPILE_REPEATS))
     print(f"{group} {COMPILE_SIZE} compile: {time.perf_counter() - compile_start:.1f} s", file=sys.stderr)
