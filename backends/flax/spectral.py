@@ -100,10 +100,33 @@ def _work_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype) in _LOW_PRECISION else jnp.dtype(dtype)
 
 
-def _matrix(weight, axes: Tuple[int, ...]):
-    """The ``(h, w)`` matrix view of a storage-layout weight, in the compute dtype."""
-    work = weight.astype(_work_dtype(weight.dtype))
-    return jnp.transpose(work, axes).reshape(weight.shape[axes[0]], -1)
+class _MatrixView:
+    """The ``(h, w)`` matrix view ``M`` of a storage-layout weight, in the compute dtype, as its two products.
+
+    Where ``dim`` is the storage's last axis and the others keep their order (Dense, Conv and Embedding
+    at their default ``dim``), the stored weight reshaped to ``(w, h)`` is ``M^T`` itself, and the
+    products read it as stored. A transposed copy of the weight costs XLA's CPU backend a pass over it
+    and a slower dot each time: at Dense 1024 the training step took 2.8x the plain one that way and
+    1.35x this way (measured on 2026-12-02). Other axes are transposed.
+    """
+
+    def __init__(self, weight, axes: Tuple[int, ...]):
+        work = weight.astype(_work_dtype(weight.dtype))
+        self.h = weight.shape[axes[0]]
+        self.w = weight.size // self.h
+        self.dtype = work.dtype
+        if axes == (weight.ndim - 1, *range(weight.ndim - 1)):
+            self._transposed, self._matrix = work.reshape(self.w, self.h), None
+        else:
+            self._transposed, self._matrix = None, jnp.transpose(work, axes).reshape(self.h, self.w)
+
+    def times(self, x):
+        """``M @ x`` for ``x`` of shape ``(w,)``."""
+        return self._matrix @ x if self._transposed is None else x @ self._transposed
+
+    def transposed_times(self, y):
+        """``M^T @ y`` for ``y`` of shape ``(h,)``."""
+        return self._matrix.T @ y if self._transposed is None else self._transposed @ y
 
 
 def _normalize(x, eps: float):
@@ -111,11 +134,11 @@ def _normalize(x, eps: float):
     return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x)), eps)
 
 
-def _iterate(matrix, u, v, iterations: int, eps: float):
+def _iterate(matrix: _MatrixView, u, v, iterations: int, eps: float):
     """``iterations`` times: ``u = normalize(M v)``, then ``v = normalize(M^T u)``."""
     for _ in range(iterations):
-        u = _normalize(matrix @ v, eps)
-        v = _normalize(matrix.T @ u, eps)
+        u = _normalize(matrix.times(v), eps)
+        v = _normalize(matrix.transposed_times(u), eps)
     return u, v
 
 
@@ -141,11 +164,10 @@ def _spectral_weight(weight, u, v, axes: Tuple[int, ...], eps: float, iterations
     work = _work_dtype(weight.dtype)
     if weight.ndim == 1:
         return _normalize(weight.astype(work), eps).astype(weight.dtype), u, v
-    matrix = _matrix(weight, axes)
-    u, v = _iterate(jax.lax.stop_gradient(matrix), u, v, iterations, eps)
+    u, v = _iterate(_MatrixView(jax.lax.stop_gradient(weight), axes), u, v, iterations, eps)
     # also without iterations: the stored u, v may be traced arguments (a jax.grad over all variables)
     u, v = jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
-    sigma = jnp.dot(u, matrix @ v)
+    sigma = jnp.dot(u, _MatrixView(weight, axes).times(v))
     return (weight.astype(work) / sigma).astype(weight.dtype), u, v
 
 
@@ -160,11 +182,10 @@ def initial_state(weight, key, axes: Tuple[int, ...], eps: float):
 def _initial_state(weight, key, axes: Tuple[int, ...], eps: float):
     """``(u, v)`` right after wrapping a weight of rank > 1: N(0, 1) draws from ``key`` (u from its
     first split, v from its second), normalized, then ``SPECTRAL_INIT_ITERATIONS`` iterations."""
-    matrix = _matrix(weight, axes)
-    h, w = matrix.shape
+    matrix = _MatrixView(weight, axes)
     key_u, key_v = jax.random.split(key)
-    u = _normalize(jax.random.normal(key_u, (h,), matrix.dtype), eps)
-    v = _normalize(jax.random.normal(key_v, (w,), matrix.dtype), eps)
+    u = _normalize(jax.random.normal(key_u, (matrix.h,), matrix.dtype), eps)
+    v = _normalize(jax.random.normal(key_v, (matrix.w,), matrix.dtype), eps)
     return _iterate(matrix, u, v, SPECTRAL_INIT_ITERATIONS, eps)
 
 
