@@ -85,9 +85,12 @@ TORCH_BFLOAT16_CONV2D = LayerCase(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="torch 2.13 CPU bfloat16 conv2d (groups=2, stride (1, 2), dilation (1, 2), "
-                   "padding (1, 0)) misses the float64 reference by 2.25 (74x the bfloat16 forward tolerance); not "
-                   "xnorm: the plain layer")
+# Not strict: which kernel torch runs here depends on the machine. On the machine of 2026-12-01 the plain layer
+# was 2.25 off; on the AMD EPYC with avx512_bf16 of 2026-12-02 (oneDNN's gemm:jit kernel) it passes, also with
+# oneDNN capped at AVX2 and with torch.backends.mkldnn disabled, so the condition could not be pinned down.
+@pytest.mark.xfail(strict=False, reason="torch 2.13 CPU bfloat16 conv2d (groups=2, stride (1, 2), dilation (1, 2), "
+                   "padding (1, 0)) missed the float64 reference by 2.25 (74x the bfloat16 forward tolerance) on "
+                   "one CI machine and is right on another; not xnorm: the plain layer")
 def test_torch_bfloat16_conv2d_is_wrong_on_the_cpu():
     case = Case(TORCH_BFLOAT16_CONV2D, None, "bfloat16", "cpu", SpectralNorm())
     data = case.arrays()
