@@ -27,7 +27,7 @@ from typing import Dict, List
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from harness import ORTHOGONAL_SIZES, RESULTS_DIR, SIZES  # noqa: E402
+from harness import ORTHOGONAL_SIZES, RESULTS_DIR, SIZES, is_reparametrization_group  # noqa: E402
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 XNORM_VARIANTS = ("xnorm", "xnorm-fused")
@@ -165,7 +165,7 @@ FIGURES = {
 def _group_kind(group: str) -> str:
     if group.endswith("/compiled"):
         return "compiled"
-    if "/orth-" in group or group.endswith("/spectral"):
+    if is_reparametrization_group(group):
         return "reparametrization"
     return "eager"
 
