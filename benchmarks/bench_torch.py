@@ -11,8 +11,9 @@ channels, which is also the default of torch's own weight norms):
 
 ``train`` (forward, ``mean(y**2)``, backward, ``torch.optim.SGD`` step; eager mode, as torch users
 train by default)
-    ``plain``, ``xnorm``, ``xnorm-fused``, ``native:parametrizations``
-    (``torch.nn.utils.parametrizations.weight_norm``), ``native:legacy`` (``torch.nn.utils.weight_norm``).
+    ``plain``, ``xnorm``, ``xnorm-fused``, ``xnorm-auto`` (``fused="auto"``: fused at Linear 1024 only),
+    ``native:parametrizations`` (``torch.nn.utils.parametrizations.weight_norm``), ``native:legacy``
+    (``torch.nn.utils.weight_norm``).
 ``inference`` (``eval()`` and ``torch.no_grad()``)
     the same plus ``native:parametrizations-cached`` (each forward inside
     ``torch.nn.utils.parametrize.cached()``) and ``removed`` (``xnorm.remove`` of a wrapped copy).
@@ -71,11 +72,12 @@ DEFAULT_REPEATS = {"linear-64": 21, "linear-1024": 21, "conv1d-512-k7": 5, "conv
 DEFAULT_WARMUP = {"linear-64": 3, "linear-1024": 3, "conv1d-512-k7": 1, "conv2d-64-3x3": 2}
 
 LEARNING_RATE = 1e-4  # small: thousands of steps must not drive the weights to zero or infinity
-TRAIN_VARIANTS = ("plain", "xnorm", "xnorm-fused", "native:parametrizations", "native:legacy")
+TRAIN_VARIANTS = ("plain", "xnorm", "xnorm-fused", "xnorm-auto", "native:parametrizations", "native:legacy")
 INFERENCE_VARIANTS = (
     "plain",
     "xnorm",
     "xnorm-fused",
+    "xnorm-auto",
     "native:parametrizations",
     "native:parametrizations-cached",
     "native:legacy",
@@ -98,6 +100,8 @@ def build_variant(variant: str, plain: nn.Module) -> nn.Module:
         return xnorm.wrap(module, dim=0)
     if variant == "xnorm-fused":
         return xnorm.wrap(module, dim=0, fused=True)
+    if variant == "xnorm-auto":
+        return xnorm.wrap(module, dim=0, fused="auto")
     if variant in ("native:parametrizations", "native:parametrizations-cached"):
         return parametrizations_weight_norm(module, dim=0)
     if variant == "native:legacy":
@@ -220,8 +224,8 @@ def ratio(rows: List[harness.Measurement], variant: str, baseline: str) -> Optio
 
 
 def best_xnorm_ratio(rows: List[harness.Measurement], baseline: str) -> Tuple[Optional[float], str]:
-    """The better of ``xnorm`` and ``xnorm-fused`` against ``baseline``, and which one it was."""
-    found = [(ratio(rows, mode, baseline), mode) for mode in ("xnorm", "xnorm-fused")]
+    """The best of ``xnorm``, ``xnorm-fused`` and ``xnorm-auto`` against ``baseline``, and which one it was."""
+    found = [(ratio(rows, mode, baseline), mode) for mode in ("xnorm", "xnorm-fused", "xnorm-auto")]
     found = [(r, mode) for r, mode in found if r is not None]
     return min(found) if found else (None, "")
 
@@ -232,7 +236,7 @@ def print_table(rows: List[harness.Measurement]) -> None:
     keys = sorted({(row.group, row.size, row.task) for row in rows}, key=lambda k: (k[0], order.index(k[1]), k[2]))
     print("\nmedian per-repetition ratios (lower is faster); plain ms = median time per call of the plain layer")
     header = (
-        f"{'group':<14} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} "
+        f"{'group':<14} {'size':<14} {'task':<10} {'plain ms':>9} {'xnorm':>7} {'fused':>7} {'auto':>7} "
         f"{'native':>7} {'legacy':>7} {'cached':>7} {'removed':>7} {'best/native':>12}"
     )
     print(header)
@@ -246,9 +250,10 @@ def print_table(rows: List[harness.Measurement]) -> None:
             return f"{value:7.3f}" if value is not None else f"{'-':>7}"
 
         best, mode = best_xnorm_ratio(these, "native:parametrizations")
-        best_text = f"{best:.3f} ({'fused' if mode == 'xnorm-fused' else 'xnorm'})" if best is not None else "-"
+        best_text = f"{best:.3f} ({mode.replace('xnorm-', '')})" if best is not None else "-"
         print(
             f"{group:<14} {size:<14} {task:<10} {plain_ms:9.3f} {cell('xnorm')} {cell('xnorm-fused')} "
+            f"{cell('xnorm-auto')} "
             f"{cell('native:parametrizations')} {cell('native:legacy')} {cell('native:parametrizations-cached')} "
             f"{cell('removed')} {best_text:>12}"
         )

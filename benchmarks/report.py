@@ -8,7 +8,7 @@ Every ratio is computed per repetition between rows of the same ``(group, size, 
 repetitions were interleaved, see harness.py) and summarised by its median and interquartile range:
 
 * wrapped/plain: each variant against ``plain`` (training step, forward, inference, compile);
-* xnorm/native: xnorm's best mode (the faster of ``xnorm`` and ``xnorm-fused`` by median) against each
+* xnorm/native: xnorm's best mode (the fastest of ``xnorm``, ``xnorm-fused`` and ``xnorm-auto`` by median) against each
   ``native:*`` variant of the same task.
 
 With ``--docs``, the part of that markdown file between ``<!-- bench:start -->`` and
@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 from harness import ORTHOGONAL_SIZES, RESULTS_DIR, SIZES, is_reparametrization_group  # noqa: E402
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-XNORM_VARIANTS = ("xnorm", "xnorm-fused")
+XNORM_VARIANTS = ("xnorm", "xnorm-fused", "xnorm-auto")
 
 
 def _quartiles(values: List[float]):
@@ -158,7 +158,7 @@ TARGETS = {
 FIGURES = {
     "wrapped/plain": ("overhead.png", "training step, xnorm / plain layer (lower is faster)"),
     "xnorm/native": ("native.png", "training step, xnorm / the framework's own implementation (lower is faster; "
-                     "f: xnorm's fused mode)"),
+                     "f: xnorm's fused mode, a: fused='auto')"),
 }
 
 
@@ -181,7 +181,7 @@ def _plotted(all_ratios: List[dict], kind: str) -> List[dict]:
 
 def _series(row: dict) -> str:
     """A bar's legend entry: the group and variant; against a native, the group and the native (xnorm's best
-    mode differs by size: its bar is labelled "f" where that was the fused one)."""
+    mode differs by size: its bar is labelled "f" where that was the fused one, "a" fused="auto")."""
     if row["kind"] == "xnorm/native":
         return f"{row['group']}: xnorm's best vs {row['variant'].split(' vs ', 1)[1]}"
     return f"{row['group']}: {row['variant']}"
@@ -218,8 +218,8 @@ def plot(all_ratios: List[dict], results_dir: Path) -> List[Path]:
                 errors = [[r["median"] - r["q1"] for _, r in points], [r["q3"] - r["median"] for _, r in points]]
                 ax.bar(xs, medians, width, yerr=errors, label=label, capsize=2)
                 for x, (_, r) in zip(xs, points, strict=True):
-                    fused = "f" if r["variant"].startswith("xnorm-fused vs") else ""
-                    ax.annotate(f"{r['median']:.2f}{fused}", (x, r["median"]), fontsize=7, ha="center",
+                    mode = {"xnorm-fused": "f", "xnorm-auto": "a"}.get(r["variant"].split(" vs ")[0], "")
+                    ax.annotate(f"{r['median']:.2f}{mode}", (x, r["median"]), fontsize=7, ha="center",
                                 va="bottom", xytext=(0, 2), textcoords="offset points")
             for x, size in enumerate(sizes):
                 targets = {TARGETS[kind].get(_group_kind(r["group"]), {}).get(size) for r in mine if r["size"] == size}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from . import registry
 from .errors import NotWrappedError, OptionError
-from .spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm
+from .spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm, check_fused_option
 
 __all__ = ["wrap", "weight_norm", "spectral_norm", "remove", "is_wrapped", "freeze", "unfreeze", "is_frozen"]
 
@@ -25,7 +25,7 @@ def wrap(
     name: Optional[str] = None,
     dim: Optional[int] = _UNSET,
     eps: Optional[float] = _UNSET,
-    fused: bool = False,
+    fused: Union[bool, str] = False,
     **options: Any,
 ) -> Any:
     """Reparametrize ``layer``'s weight as ``spec`` says: weight norm by default, spectral norm with
@@ -49,6 +49,8 @@ def wrap(
             allows it: ``s = g / ||v||`` scales the layer's output (or input) instead of v
             (:func:`xnorm.spec.fused_scale_side` lists where). Parameters, names, checkpoints and
             ``remove`` are the same as without it; results differ by float rounding only.
+            ``"auto"`` (torch only) decides per call: fused where the weight is large next to the
+            activation it would scale, the default path elsewhere (:func:`xnorm.spec.fused_pays`).
         **options: backend-specific options, documented by each backend.
 
     Returns:
@@ -66,8 +68,7 @@ def wrap(
     """
     if isinstance(spec, str) and backend is None:
         spec, backend = None, spec
-    if not isinstance(fused, bool):
-        raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
+    check_fused_option(fused, "", auto=True)  # which backend takes "auto" is the backend's to say
     if spec is None:
         spec = WeightNorm(dim=0 if dim is _UNSET else dim, eps=None if eps is _UNSET else eps)
     elif not isinstance(spec, Reparametrization):
@@ -83,10 +84,11 @@ def wrap(
     if fused:
         if not isinstance(spec, WeightNorm):
             raise OptionError(
-                f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path. Drop fused=True."
+                f"fused={fused!r} exists for weight norm only; {type(spec).__name__} has no fused path. "
+                f"Drop fused={fused!r}."
             )
         # Only passed when asked for, so a third-party backend without a fused path reports the option.
-        options["fused"] = True
+        options["fused"] = fused
     return registry.resolve_backend(layer, backend).wrap(layer, spec, name=name, **options)
 
 
@@ -97,7 +99,7 @@ def weight_norm(
     eps: Optional[float] = None,
     name: Optional[str] = None,
     backend: Optional[str] = None,
-    fused: bool = False,
+    fused: Union[bool, str] = False,
     **options: Any,
 ) -> Any:
     """``xnorm.wrap(layer, xnorm.WeightNorm(dim, eps), ...)``, named and ordered as torch's ``weight_norm``."""

@@ -51,6 +51,11 @@ __all__ = [
     "compute_dtype",
     "check_floating",
     "fused_scale_side",
+    "FUSED_AUTO",
+    "AUTO_FUSED_MIN_WEIGHT",
+    "AUTO_FUSED_MAX_ACTIVATION_SHARE",
+    "fused_pays",
+    "check_fused_option",
     "FUSED_OUTPUT",
     "FUSED_INPUT",
     "FUSED_ROWS",
@@ -491,3 +496,47 @@ def fused_scale_side(kind: str, dim: Optional[int]) -> Optional[str]:
     if kind == LayerKind.EMBEDDING:
         return {0: FUSED_ROWS, 1: FUSED_OUTPUT}.get(dim)
     return None
+
+
+#: ``xnorm.wrap(..., fused=FUSED_AUTO)``: decide per call, with :func:`fused_pays`.
+FUSED_AUTO = "auto"
+#: Below this many weight elements the fused path's fixed cost (the Python of a custom backward, about
+#: 0.1 to 0.2 ms per step in eager torch) outweighs the weight-sized passes it saves (about three, at
+#: roughly 0.3 ms per million float32 elements on the 2-core benchmark machine): about 2**17 elements.
+AUTO_FUSED_MIN_WEIGHT = 1 << 18
+#: The scaled activation may hold at most this share of the weight's element count: the fused path
+#: adds about as many passes over the scaled activation as it saves over the weight.
+AUTO_FUSED_MAX_ACTIVATION_SHARE = 0.5
+
+
+def fused_pays(weight_elements: int, scaled_elements: int) -> bool:
+    """Whether ``fused="auto"`` runs a call fused: the weight has at least :data:`AUTO_FUSED_MIN_WEIGHT`
+    elements and the activation ``s`` scales (the output, the input or the looked-up rows, as
+    :func:`fused_scale_side` says) at most :data:`AUTO_FUSED_MAX_ACTIVATION_SHARE` of that many.
+
+    The fused path saves weight-sized passes (w = v * s and its backward) and pays activation-sized
+    ones (the scale, its backward) plus a fixed cost, so it is faster only for a large weight and a
+    small activation. At the benchmark sizes: ``Linear(1024, 1024)`` at batch 64 (1,048,576 weight
+    elements, 65,536 output elements) runs fused; ``Linear(64, 64)`` (too small), ``Conv2d(64, 64, 3)``
+    on 16x64x64x64 and the vocoder ``Conv1d(512, 512, 7)`` (outputs 114 and 9 times their weights) run
+    the default path. docs/performance.md has the timings the thresholds come from.
+    """
+    large = weight_elements >= AUTO_FUSED_MIN_WEIGHT
+    return large and scaled_elements <= weight_elements * AUTO_FUSED_MAX_ACTIVATION_SHARE
+
+
+def check_fused_option(fused: object, backend: str, *, auto: bool = False) -> None:
+    """Raise :class:`OptionError` unless ``fused`` is True, False or, for a backend that decides per call
+    (``auto=True``: torch), :data:`FUSED_AUTO`. A fused path is a per-backend implementation; the
+    per-call choice exists where its measurements do (docs/performance.md)."""
+    if fused is True or fused is False:
+        return
+    if fused != FUSED_AUTO:
+        raise OptionError(
+            f"fused must be True, False or {FUSED_AUTO!r}, got {fused!r} of type {type(fused).__name__}."
+        )
+    if not auto:
+        raise OptionError(
+            f"fused={FUSED_AUTO!r} is implemented by the torch backend only; the {backend} backend takes "
+            "fused=True (scale the activations instead of building w) or fused=False (the default): pass one of them."
+        )

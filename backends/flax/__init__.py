@@ -72,6 +72,7 @@ from xnorm.spec import (
     StorageLayout,
     WeightNorm,
     check_floating,
+    check_fused_option,
 )
 
 from . import partitioning
@@ -513,8 +514,7 @@ class FlaxBackend(Backend):
                 "accepts variables= (linen only: the existing variables of the layer to wrap), fused= (weight "
                 "norm) and rngs= (the draws of spectral norm and of the orthogonal parametrization)."
             )
-        if not isinstance(fused, bool):
-            raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
+        check_fused_option(fused, "flax")
         if fused and not isinstance(spec, WeightNorm):
             raise OptionError(f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path.")
         if rngs is not _MISSING and not isinstance(spec, (SpectralNorm, Orthogonal)):

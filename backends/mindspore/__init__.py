@@ -92,6 +92,7 @@ from xnorm.spec import (
     StorageLayout,
     WeightNorm,
     check_floating,
+    check_fused_option,
 )
 
 from . import freeze as _freeze  # imports nothing from this package when loaded
@@ -379,8 +380,7 @@ class MindSporeBackend(Backend):
                 f"the mindspore backend takes no options besides fused=, got {', '.join(sorted(options))}. "
                 "Pass only name=, dim=, eps= and fused= to xnorm.wrap."
             )
-        if not isinstance(fused, bool):
-            raise OptionError(f"fused must be True or False, got {fused!r} of type {type(fused).__name__}.")
+        check_fused_option(fused, "mindspore")
         if fused and not isinstance(spec, WeightNorm):
             raise OptionError(
                 f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path. Drop fused=True."

@@ -46,7 +46,16 @@ from xnorm.errors import (
     OptionError,
     UnsupportedLayerError,
 )
-from xnorm.spec import LayerKind, Orthogonal, Reparametrization, SpectralNorm, WeightNorm, check_floating
+from xnorm.spec import (
+    FUSED_AUTO,
+    LayerKind,
+    Orthogonal,
+    Reparametrization,
+    SpectralNorm,
+    WeightNorm,
+    check_floating,
+    check_fused_option,
+)
 
 from . import freeze as _freeze
 from .orthogonal import OrthogonalParametrization
@@ -206,9 +215,15 @@ class TorchBackend(registry.Backend):
         return weight
 
     def wrap(self, layer: Any, spec: Reparametrization, *, name: Optional[str] = None, **options: Any) -> nn.Module:
-        fused = bool(options.pop("fused", False))
+        fused = options.pop("fused", False)
         if options:
             raise OptionError(f"the torch backend takes no option(s) {sorted(options)}; remove them.")
+        check_fused_option(fused, "torch", auto=True)
+        if fused and not isinstance(spec, WeightNorm):
+            raise OptionError(
+                f"fused={fused!r} exists for weight norm only; {type(spec).__name__} has no fused path. "
+                f"Drop fused={fused!r}."
+            )
         name = "weight" if name is None else name
         weight = self._check(layer, name)
         if isinstance(spec, SpectralNorm):
@@ -228,7 +243,7 @@ class TorchBackend(registry.Backend):
         if fused:
             from .fused import fused_parametrization, install_forward  # imports this module: not at the top
 
-            parametrization = fused_parametrization(layer, name, weight, spec, torch_dim)
+            parametrization = fused_parametrization(layer, name, weight, spec, torch_dim, auto=fused == FUSED_AUTO)
         else:
             parametrization = WeightNormParametrization(torch_dim, spec.eps)
         parametrize.register_parametrization(layer, name, parametrization, unsafe=True)

@@ -73,6 +73,20 @@ and an Embedding with ``max_norm`` (torch renormalises the weight it is given in
 ``w``, not ``v``) or ``sparse=True`` (a sparse gradient for ``v`` is not what the non-fused path
 gives). :func:`fused_side` tells which side a wrapped module uses.
 
+Choosing per call: ``fused="auto"``
+-----------------------------------
+
+The same registration, plus a decision at each call: the override runs the fused forward when
+:func:`xnorm.spec.fused_pays` says it saves more than it costs (a weight of at least 2**18 elements
+and an activation on the scaled side of at most half as many), and the original class's ``forward``
+otherwise, which reads ``module.weight`` and so computes exactly what the non-fused wrapper computes,
+bit for bit. The activation's element count comes from the input's shape, before anything runs:
+the input itself (input side), the output (output side: the input's count times ``out / in``
+channels, divided by the strides of a convolution and multiplied by those of a transposed one,
+which ignores the few elements padding and kernel size add or remove at the edges), or the looked-up
+rows (the indices' count times the features). The choice costs a few integer operations per call;
+``torch.compile`` specializes on it like on any shape test.
+
 Precision
 ---------
 
@@ -101,13 +115,21 @@ from xnorm.spec import (
     FUSED_ROWS,
     LayerKind,
     WeightNorm,
+    fused_pays,
     fused_scale_side,
     reduction_axes,
 )
 
 from . import WeightNormParametrization
 
-__all__ = ["FusedWeightNormParametrization", "fused_parametrization", "install_forward", "fused_side", "layer_kind"]
+__all__ = [
+    "FusedWeightNormParametrization",
+    "fused_parametrization",
+    "install_forward",
+    "fused_side",
+    "runs_fused",
+    "layer_kind",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -141,7 +163,8 @@ class FusedWeightNormParametrization(WeightNormParametrization):
     """:class:`WeightNormParametrization` (``module.weight`` still computes w with it, unchanged) plus
     the fused plan: the layer ``kind``, the ``side`` s goes to (``"output"``, ``"input"``, ``"rows"``),
     the axes the norm sums over (``axes``; None for the whole tensor) and ``tile``, how many times s
-    repeats over the channel axis (the groups of a grouped conv's ``dim=1``).
+    repeats over the channel axis (the groups of a grouped conv's ``dim=1``). ``auto``: ``fused="auto"``,
+    the forward decides per call (module docstring).
     """
 
     def __init__(
@@ -153,21 +176,24 @@ class FusedWeightNormParametrization(WeightNormParametrization):
         side: str,
         axes: Optional[Tuple[int, ...]],
         tile: int = 1,
+        auto: bool = False,
     ) -> None:
         super().__init__(dim, eps)
         self.kind = kind
         self.side = side
         self.axes = axes
         self.tile = tile
+        self.auto = auto
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fused={self.side}"
+        return f"{super().extra_repr()}, fused={self.side}{' (auto)' if self.auto else ''}"
 
 
 def fused_parametrization(
-    module: nn.Module, name: str, weight: torch.Tensor, spec: WeightNorm, torch_dim: int
+    module: nn.Module, name: str, weight: torch.Tensor, spec: WeightNorm, torch_dim: int, *, auto: bool = False
 ) -> WeightNormParametrization:
-    """The parametrization ``xnorm.wrap(..., fused=True)`` registers on ``module.<name>``.
+    """The parametrization ``xnorm.wrap(..., fused=True)`` (``fused="auto"``: ``auto=True``) registers on
+    ``module.<name>``.
 
     A :class:`FusedWeightNormParametrization` where :func:`xnorm.spec.fused_scale_side` and the layer
     allow it (see the module docstring), else the plain :class:`WeightNormParametrization`, so the
@@ -186,7 +212,7 @@ def fused_parametrization(
     # s repeats once per group along the full channel axis.
     tile = module.groups if kind in LayerKind.CONV + LayerKind.CONV_TRANSPOSE and dim == 1 else 1
     axes = None if dim is None else reduction_axes(dim, weight.dim())
-    return FusedWeightNormParametrization(torch_dim, spec.eps, kind=kind, side=side, axes=axes, tile=tile)
+    return FusedWeightNormParametrization(torch_dim, spec.eps, kind=kind, side=side, axes=axes, tile=tile, auto=auto)
 
 
 def _active(module: nn.Module) -> Optional[FusedWeightNormParametrization]:
@@ -201,9 +227,42 @@ def _active(module: nn.Module) -> Optional[FusedWeightNormParametrization]:
 
 def fused_side(module: nn.Module) -> Optional[str]:
     """Where a wrapped module applies s (``"output"``, ``"input"``, ``"rows"``), or None when its
-    forward materialises w (not fused, or a fallback)."""
+    forward materialises w (not fused, or a fallback). With ``fused="auto"`` the side of the calls
+    :func:`runs_fused` accepts."""
     found = _active(module)
     return None if found is None else found.side
+
+
+def _product(values) -> int:
+    result = 1
+    for value in values:
+        result *= value
+    return result
+
+
+def _scaled_elements(module: nn.Module, p: FusedWeightNormParametrization, input: torch.Tensor) -> int:
+    """How many elements the fused forward of ``module`` scales for ``input`` (module docstring)."""
+    count = input.numel()
+    if p.side == FUSED_INPUT:
+        return count
+    if p.kind == LayerKind.EMBEDDING:
+        return count * module.embedding_dim
+    if p.kind == LayerKind.LINEAR:
+        return count // module.in_features * module.out_features
+    count = count // module.in_channels * module.out_channels
+    strides = _product(module.stride)
+    return count * strides if p.kind in LayerKind.CONV_TRANSPOSE else count // strides
+
+
+def runs_fused(module: nn.Module, input: torch.Tensor) -> bool:
+    """Whether a call of the wrapped ``module`` on ``input`` takes the fused forward: always with
+    ``fused=True`` where :func:`fused_side` is not None, per :func:`xnorm.spec.fused_pays` with
+    ``fused="auto"``, never otherwise."""
+    p = _active(module)
+    if p is None:
+        return False
+    v = module.parametrizations["weight"].original1
+    return not p.auto or fused_pays(v.numel(), _scaled_elements(module, p, input))
 
 
 # -- the weight-norm algebra ------------------------------------------------------------------------
@@ -573,7 +632,12 @@ def install_forward(module: nn.Module) -> None:
         if p is None:
             return original_forward(self, *args, **kwargs)
         stack = self.parametrizations["weight"]
-        return _FORWARDS[p.kind](self, p, stack.original0, stack.original1, *args, **kwargs)
+        v = stack.original1
+        if p.auto:
+            input = args[0] if args else kwargs["input"]
+            if not fused_pays(v.numel(), _scaled_elements(self, p, input)):
+                return original_forward(self, *args, **kwargs)
+        return _FORWARDS[p.kind](self, p, stack.original0, v, *args, **kwargs)
 
     forward._xnorm_fused = True
     forward.__doc__ = original_forward.__doc__

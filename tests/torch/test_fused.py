@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import xnorm
 from xnorm import reference
 from xnorm._backends.torch import WeightNormParametrization
-from xnorm._backends.torch.fused import fused_side
+from xnorm._backends.torch.fused import fused_side, runs_fused
 from xnorm.conformance import layers
 from xnorm.conformance.adapters.torch import build_torch_layer
 from xnorm.conformance.cases import LAYERS, Case, dims_for
@@ -636,6 +636,101 @@ def test_errors_are_the_non_fused_errors_and_leave_the_layer_untouched(label):
     assert messages[0] == messages[1]
 
 
+# -- fused="auto": per call, fused where it pays -----------------------------------------------------
+
+#: label -> (layer factory, dim, input factory, whether the call runs fused); the thresholds are
+#: xnorm.spec.fused_pays's: a weight of at least 2**18 elements, the scaled activation at most half of it.
+AUTO_CASES = {
+    "linear-1024-b64": (lambda: nn.Linear(1024, 1024), 0, lambda: torch.randn(64, 1024), True),
+    "linear-1024-b1024": (lambda: nn.Linear(1024, 1024), 0, lambda: torch.randn(1024, 1024), False),
+    "linear-1024-dim1-b64": (lambda: nn.Linear(1024, 1024), 1, lambda: torch.randn(64, 1024), True),
+    "linear-64-b8": (lambda: nn.Linear(64, 64), 0, lambda: torch.randn(8, 64), False),
+    "conv1d-512-k3-l8": (lambda: nn.Conv1d(512, 512, 3, padding=1), 0, lambda: torch.randn(1, 512, 8), True),
+    "conv1d-512-k3-l2048": (lambda: nn.Conv1d(512, 512, 3, padding=1), 0, lambda: torch.randn(1, 512, 2048), False),
+    # 512 x 600 output elements at stride 1 would not pay; the stride halves them to about 512 x 300
+    "conv1d-512-k3-s2-l600": (lambda: nn.Conv1d(512, 512, 3, stride=2, padding=1), 0,
+                              lambda: torch.randn(1, 512, 600), True),
+    # 512 x 256 input elements would pay; the stride makes the output about 512 x 1024, which does not
+    "conv_transpose1d-512-k3-s4-l256": (lambda: nn.ConvTranspose1d(512, 512, 3, stride=4), 1,
+                                        lambda: torch.randn(1, 512, 256), False),
+    "conv2d-64-3x3": (lambda: nn.Conv2d(64, 64, 3, padding=1), 0, lambda: torch.randn(2, 64, 16, 16), False),
+    "embedding-1024x512-rows": (lambda: nn.Embedding(1024, 512), 0, lambda: torch.randint(0, 1024, (16,)), True),
+}
+
+
+def _wrapped_pair(factory, dim):
+    """The layer (float64, seed 0) wrapped with fused="auto" and, from the same values, without fused."""
+    torch.manual_seed(0)
+    layer = factory().double()
+    return xnorm.wrap(copy.deepcopy(layer), dim=dim, fused="auto"), xnorm.wrap(layer, dim=dim)
+
+
+def _calls_of_the_parametrization(monkeypatch, module, x):
+    """How often a forward and backward of ``module`` on ``x`` computed w with the parametrization."""
+    calls = []
+
+    def counting(self, *args, original=WeightNormParametrization.forward):
+        calls.append(1)
+        return original(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WeightNormParametrization, "forward", counting)
+        y = module(x)
+        y.backward(torch.ones_like(y))
+    return len(calls)
+
+
+@pytest.mark.parametrize("label", sorted(AUTO_CASES))
+def test_auto_runs_fused_exactly_where_it_pays_and_computes_the_same(label, monkeypatch):
+    factory, dim, make_input, expect_fused = AUTO_CASES[label]
+    auto, materialised = _wrapped_pair(factory, dim)
+    torch.manual_seed(1)
+    x = make_input()
+    x = x if x.dtype == torch.int64 else x.double()
+    assert fused_side(auto) is not None
+    assert runs_fused(auto, x) is expect_fused
+    assert (_calls_of_the_parametrization(monkeypatch, copy.deepcopy(auto), x) == 0) is expect_fused
+
+    y, y_materialised = auto(x), materialised(x)
+    grad_output = torch.randn(y.shape, dtype=y.dtype)
+    grads = dict(zip(trainable(auto), torch.autograd.grad(y, list(trainable(auto).values()), grad_output),
+                     strict=True))
+    expected = gradients(materialised, x, grad_output)
+    if expect_fused:  # same math, another rounding order
+        assert_close(_numpy(y), _numpy(y_materialised), "float64", "forward", what="output vs non-fused")
+        for key, value in expected.items():
+            assert_close(_numpy(grads[key]), _numpy(value), "float64", "gradient", what=f"dL/d{key} vs non-fused")
+    else:  # the non-fused wrapper's own forward: bit for bit
+        assert torch.equal(y, y_materialised)
+        assert all(torch.equal(grads[key], value) for key, value in expected.items())
+
+
+def test_auto_decides_on_every_call_and_keeps_the_wrapper_s_state_and_remove():
+    auto, materialised = _wrapped_pair(lambda: nn.Linear(1024, 1024), 0)
+    assert "fused=output (auto)" in repr(auto.parametrizations.weight)
+    small, large = torch.randn(64, 1024, dtype=torch.float64), torch.randn(2048, 1024, dtype=torch.float64)
+    assert runs_fused(auto, small) and not runs_fused(auto, large)
+    for x in (small, large, small):  # gradients accumulate across the two paths
+        auto(x).sum().backward()
+        materialised(x).sum().backward()
+    for key, value in trainable(materialised).items():
+        assert_close(_numpy(trainable(auto)[key].grad), _numpy(value.grad), "float64", "gradient",
+                     what=f"accumulated dL/d{key}")
+    assert auto.state_dict().keys() == materialised.state_dict().keys()
+    assert all(torch.equal(auto.state_dict()[k], v) for k, v in materialised.state_dict().items())
+    removed = xnorm.remove(auto)
+    assert type(removed) is nn.Linear and torch.equal(removed.weight, xnorm.remove(materialised).weight)
+
+
+@pytest.mark.parametrize("fused", ["Auto", "fused", 1])
+def test_fused_takes_true_false_or_auto_only_and_leaves_the_layer_untouched(fused):
+    layer = nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(xnorm.OptionError, match="fused must be True, False or 'auto'"):
+        xnorm.wrap(layer, fused=fused)
+    assert type(layer) is nn.Linear and all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
 # -- the benchmark script runs ----------------------------------------------------------------------
 
 
@@ -649,7 +744,8 @@ def test_benchmark_quick_smoke_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "torch.json").read_text())["rows"]
     seen = {(row["task"], row["variant"]) for row in rows}
-    assert {("train", v) for v in ("plain", "xnorm", "xnorm-fused", "native:parametrizations", "native:legacy")} <= seen
+    assert {("train", v) for v in ("plain", "xnorm", "xnorm-fused", "xnorm-auto", "native:parametrizations",
+                                   "native:legacy")} <= seen
     assert ("inference", "removed") in seen and ("inference", "native:parametrizations-cached") in seen
     orthogonal = {(row["group"], row["size"], row["variant"]) for row in rows if "/orth-" in row["group"]}
     assert orthogonal == {(f"cpu/orth-{m}", "linear-256", v) for m in ("matrix_exp", "cayley", "householder")

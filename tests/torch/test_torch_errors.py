@@ -81,7 +81,7 @@ REFUSALS = [
     ("unknown-option", lambda: nn.Linear(3, 2), dict(unknown=True),
      xnorm.OptionError, ValueError, "takes no option(s) ['unknown']"),
     ("fused-not-bool", lambda: nn.Linear(3, 2), dict(fused="yes"),
-     xnorm.OptionError, ValueError, "fused must be True or False"),
+     xnorm.OptionError, ValueError, "fused must be True, False or 'auto'"),
     ("already-wrapped-by-torch", lambda: torch_weight_norm(nn.Linear(3, 2)), {},
      xnorm.AlreadyWrappedError, ValueError, "remove_parametrizations"),
     ("already-wrapped-by-legacy-torch", legacy_wrapped_linear, {},
