@@ -500,9 +500,10 @@ def fused_scale_side(kind: str, dim: Optional[int]) -> Optional[str]:
 
 #: ``xnorm.wrap(..., fused=FUSED_AUTO)``: decide per call, with :func:`fused_pays`.
 FUSED_AUTO = "auto"
-#: Below this many weight elements the fused path's fixed cost (the Python of a custom backward, about
-#: 0.1 to 0.2 ms per step in eager torch) outweighs the weight-sized passes it saves (about three, at
-#: roughly 0.3 ms per million float32 elements on the 2-core benchmark machine): about 2**17 elements.
+#: Below this many weight elements the fused path's fixed cost (a dozen more small operations and a custom
+#: backward: about 0.1 ms per eager torch training step at Linear 64 on the 2-core benchmark machine)
+#: outweighs the weight-sized passes it saves (about three, each roughly 0.3 ms per million float32
+#: elements there): the break-even is near 2**17 elements, and 2**18 leaves a margin.
 AUTO_FUSED_MIN_WEIGHT = 1 << 18
 #: The scaled activation may hold at most this share of the weight's element count: the fused path
 #: adds about as many passes over the scaled activation as it saves over the weight.
