@@ -186,7 +186,11 @@ def _initial_state(weight, key, axes: Tuple[int, ...], eps: float):
     key_u, key_v = jax.random.split(key)
     u = _normalize(jax.random.normal(key_u, (matrix.h,), matrix.dtype), eps)
     v = _normalize(jax.random.normal(key_v, (matrix.w,), matrix.dtype), eps)
-    return _iterate(matrix, u, v, SPECTRAL_INIT_ITERATIONS, eps)
+    # A loop, not 15 unrolled iterations: XLA compiles one iteration's body (about 4x less compile
+    # time per weight shape, the same values; nothing differentiates through the initial state).
+    return jax.lax.fori_loop(
+        0, SPECTRAL_INIT_ITERATIONS, lambda _, state: _iterate(matrix, *state, 1, eps), (u, v)
+    )
 
 
 def draw_key(rngs: Any) -> jax.Array:
