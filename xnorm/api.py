@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 
 from . import registry
 from .errors import NotWrappedError, OptionError
-from .spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm, check_fused_option
+from .spec import Orthogonal, Reparametrization, SpectralNorm, WeightNorm, check_fused_option, check_fused_spec
 
 __all__ = ["wrap", "weight_norm", "spectral_norm", "remove", "is_wrapped", "freeze", "unfreeze", "is_frozen"]
 
@@ -81,12 +81,8 @@ def wrap(
             f"dim= and eps= belong inside the spec when one is given: write {type(spec).__name__}(dim=..., eps=...) "
             "instead of passing them to xnorm.wrap."
         )
+    check_fused_spec(fused, spec)
     if fused:
-        if not isinstance(spec, WeightNorm):
-            raise OptionError(
-                f"fused={fused!r} exists for weight norm only; {type(spec).__name__} has no fused path. "
-                f"Drop fused={fused!r}."
-            )
         # Only passed when asked for, so a third-party backend without a fused path reports the option.
         options["fused"] = fused
     return registry.resolve_backend(layer, backend).wrap(layer, spec, name=name, **options)

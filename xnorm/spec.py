@@ -56,6 +56,7 @@ __all__ = [
     "AUTO_FUSED_MAX_ACTIVATION_SHARE",
     "fused_pays",
     "check_fused_option",
+    "check_fused_spec",
     "FUSED_OUTPUT",
     "FUSED_INPUT",
     "FUSED_ROWS",
@@ -540,4 +541,14 @@ def check_fused_option(fused: object, backend: str, *, auto: bool = False) -> No
         raise OptionError(
             f"fused={FUSED_AUTO!r} is implemented by the torch backend only; the {backend} backend takes "
             "fused=True (scale the activations instead of building w) or fused=False (the default): pass one of them."
+        )
+
+
+def check_fused_spec(fused: object, spec: Reparametrization) -> None:
+    """Raise :class:`OptionError` when a fused path is asked for (``fused`` True or ``"auto"``) with a
+    reparametrization other than weight norm, the only one that has one."""
+    if fused and not isinstance(spec, WeightNorm):
+        raise OptionError(
+            f"fused={fused!r} exists for weight norm only; {type(spec).__name__} has no fused path. "
+            f"Drop fused={fused!r}."
         )

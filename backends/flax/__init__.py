@@ -73,6 +73,7 @@ from xnorm.spec import (
     WeightNorm,
     check_floating,
     check_fused_option,
+    check_fused_spec,
 )
 
 from . import partitioning
@@ -515,8 +516,7 @@ class FlaxBackend(Backend):
                 "norm) and rngs= (the draws of spectral norm and of the orthogonal parametrization)."
             )
         check_fused_option(fused, "flax")
-        if fused and not isinstance(spec, WeightNorm):
-            raise OptionError(f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path.")
+        check_fused_spec(fused, spec)
         if rngs is not _MISSING and not isinstance(spec, (SpectralNorm, Orthogonal)):
             raise OptionError("rngs= seeds spectral norm's initial u and v; weight norm draws nothing. Drop it.")
         native = (nn.WeightNorm, nnx.WeightNorm, nn.SpectralNorm, nnx.SpectralNorm)

@@ -93,6 +93,7 @@ from xnorm.spec import (
     WeightNorm,
     check_floating,
     check_fused_option,
+    check_fused_spec,
 )
 
 from . import freeze as _freeze  # imports nothing from this package when loaded
@@ -381,10 +382,7 @@ class MindSporeBackend(Backend):
                 "Pass only name=, dim=, eps= and fused= to xnorm.wrap."
             )
         check_fused_option(fused, "mindspore")
-        if fused and not isinstance(spec, WeightNorm):
-            raise OptionError(
-                f"fused=True exists for weight norm only; {type(spec).__name__} has no fused path. Drop fused=True."
-            )
+        check_fused_spec(fused, spec)
         if not isinstance(layer, nn.Cell):
             raise BackendDetectionError(
                 f"the mindspore backend wraps mindspore.nn.Cell layers, got an object of type "

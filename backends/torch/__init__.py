@@ -55,6 +55,7 @@ from xnorm.spec import (
     WeightNorm,
     check_floating,
     check_fused_option,
+    check_fused_spec,
 )
 
 from . import freeze as _freeze
@@ -219,11 +220,7 @@ class TorchBackend(registry.Backend):
         if options:
             raise OptionError(f"the torch backend takes no option(s) {sorted(options)}; remove them.")
         check_fused_option(fused, "torch", auto=True)
-        if fused and not isinstance(spec, WeightNorm):
-            raise OptionError(
-                f"fused={fused!r} exists for weight norm only; {type(spec).__name__} has no fused path. "
-                f"Drop fused={fused!r}."
-            )
+        check_fused_spec(fused, spec)
         name = "weight" if name is None else name
         weight = self._check(layer, name)
         if isinstance(spec, SpectralNorm):

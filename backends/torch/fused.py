@@ -102,6 +102,7 @@ tolerances (docs/torch.md gives the measured differences).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -233,13 +234,6 @@ def fused_side(module: nn.Module) -> Optional[str]:
     return None if found is None else found.side
 
 
-def _product(values) -> int:
-    result = 1
-    for value in values:
-        result *= value
-    return result
-
-
 def _scaled_elements(module: nn.Module, p: FusedWeightNormParametrization, input: torch.Tensor) -> int:
     """How many elements the fused forward of ``module`` scales for ``input`` (module docstring)."""
     count = input.numel()
@@ -250,8 +244,15 @@ def _scaled_elements(module: nn.Module, p: FusedWeightNormParametrization, input
     if p.kind == LayerKind.LINEAR:
         return count // module.in_features * module.out_features
     count = count // module.in_channels * module.out_channels
-    strides = _product(module.stride)
+    strides = math.prod(module.stride)
     return count * strides if p.kind in LayerKind.CONV_TRANSPOSE else count // strides
+
+
+def _fused_for(module: nn.Module, p: FusedWeightNormParametrization, input: torch.Tensor) -> bool:
+    """Whether ``module``, whose active fused parametrization is ``p``, runs fused on ``input``."""
+    if not p.auto:
+        return True
+    return fused_pays(module.parametrizations["weight"].original1.numel(), _scaled_elements(module, p, input))
 
 
 def runs_fused(module: nn.Module, input: torch.Tensor) -> bool:
@@ -259,10 +260,7 @@ def runs_fused(module: nn.Module, input: torch.Tensor) -> bool:
     ``fused=True`` where :func:`fused_side` is not None, per :func:`xnorm.spec.fused_pays` with
     ``fused="auto"``, never otherwise."""
     p = _active(module)
-    if p is None:
-        return False
-    v = module.parametrizations["weight"].original1
-    return not p.auto or fused_pays(v.numel(), _scaled_elements(module, p, input))
+    return p is not None and _fused_for(module, p, input)
 
 
 # -- the weight-norm algebra ------------------------------------------------------------------------
@@ -631,13 +629,10 @@ def install_forward(module: nn.Module) -> None:
         p = _active(self)
         if p is None:
             return original_forward(self, *args, **kwargs)
+        if not _fused_for(self, p, args[0] if args else kwargs["input"]):
+            return original_forward(self, *args, **kwargs)
         stack = self.parametrizations["weight"]
-        v = stack.original1
-        if p.auto:
-            input = args[0] if args else kwargs["input"]
-            if not fused_pays(v.numel(), _scaled_elements(self, p, input)):
-                return original_forward(self, *args, **kwargs)
-        return _FORWARDS[p.kind](self, p, stack.original0, v, *args, **kwargs)
+        return _FORWARDS[p.kind](self, p, stack.original0, stack.original1, *args, **kwargs)
 
     forward._xnorm_fused = True
     forward.__doc__ = original_forward.__doc__
