@@ -47,8 +47,10 @@ written for the plain layer apply to the wrapped one (:mod:`.partitioning`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
@@ -189,11 +191,17 @@ def _norm(v, axes: Tuple[int, ...], keepdims: bool, eps: Optional[float]):
     return jnp.sqrt(squares)
 
 
+# _init_g and _materialize run eagerly too (at wrap, and for the weight outside apply): jit makes each
+# one XLA program per shape instead of one per operation (four to six small compiles per new shape).
+# Inside a trace the nested program is inlined; XLA may then round differently from the op-by-op run
+# (within an ulp or two in float32, docs/performance.md).
+@functools.partial(jax.jit, static_argnames=("axes", "keepdims", "eps"))
 def _init_g(weight, axes: Tuple[int, ...], keepdims: bool, eps: Optional[float]):
     """The function-preserving g: the weight's norm, stored in the weight's dtype."""
     return _norm(weight, axes, keepdims, eps).astype(weight.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("axes", "keepdims", "eps"))
 def _materialize(g, v, axes: Tuple[int, ...], keepdims: bool, eps: Optional[float]):
     """``w = v * (g / norm)``, in that order, computed in float32 for low precision and cast back once."""
     norm = _norm(v, axes, keepdims, eps)

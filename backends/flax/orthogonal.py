@@ -143,6 +143,8 @@ def orthogonal_weight(original, base, perm: Tuple[int, ...], orthogonal_map: str
     )
 
 
+# jit: one program per shape where this runs eagerly (the weight outside apply, NNX's to_plain)
+@functools.partial(jax.jit, static_argnames=("perm", "orthogonal_map"))
 def _orthogonal_weight(original, base, perm: Tuple[int, ...], orthogonal_map: str):
     """``w`` in Flax's storage layout and the weight's dtype, from ``original`` (storage layout) and
     ``base`` (canonical, or None without trivialization); computed in the compute dtype."""

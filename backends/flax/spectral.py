@@ -152,6 +152,8 @@ def spectral_weight(weight, u, v, axes: Tuple[int, ...], eps: float, iterations:
     )
 
 
+# jit: one program per shape where this runs eagerly (the weight outside apply, NNX's to_plain)
+@functools.partial(jax.jit, static_argnames=("axes", "eps", "iterations"))
 def _spectral_weight(weight, u, v, axes: Tuple[int, ...], eps: float, iterations: int):
     """One use of a spectral-normed weight: ``(w, u, v)`` after ``iterations`` power iterations.
 

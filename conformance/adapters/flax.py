@@ -28,8 +28,8 @@ API (channels-last, kernels transposed from the canonical layout): linen freezes
 and keeps the frozen scale and shift (and conv1) out of SGD with ``optax.multi_transform`` labels from
 ``frozen_labels``; NNX freezes in place and trains ``nnx.Param`` but conv1's (``_FINE_TUNED``).
 
-Speed. Nearly all of a case's time is XLA:CPU compiling: its forward, gradient and SGD-step programs
-and the small eager programs of ``xnorm.wrap`` and the weight check, each about 0.1-1 s, against
+Speed. Nearly all of a case's time is XLA:CPU compiling: its forward and training programs and the
+small programs of ``xnorm.wrap`` and the weight check, each about 0.1-1 s, against
 ~0.15 s for running the whole life cycle once compiled. Every case is a new (layer, dtype, dim), so
 every case needs its own programs; what the adapters do about it (see :func:`_compilation_cache`):
 
@@ -45,6 +45,8 @@ every case needs its own programs; what the adapters do about it (see :func:`_co
 * One ``optax.sgd`` transformation per learning rate (:func:`_sgd`): NNX's jit keys its cache on the
   optimizer's graph, which holds the transformation, so a new one per case retraced and recompiled
   the SGD step of layers whose graph is otherwise the same.
+* One training program for the gradient check and the SGD steps (:func:`_training_loss`), not one
+  each: they share the forward and the backward, and were 54 % of the compile time.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from xnorm.spec import LayerKind, Orthogonal, Reparametrization, SpectralNorm, S
 from .. import fine_tuning
 from ..adapter import Adapter
 from ..cases import LayerCase
+from ..runner import LEARNING_RATE
 
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _PLATFORMS = {"cpu": "cpu", "gpu": "gpu"}
@@ -182,6 +185,21 @@ def _sgd(lr: float) -> optax.GradientTransformation:
     state is what ``init`` returns, kept per handle), so sharing it shares no values between cases;
     sharing it keeps NNX's jit cache, keyed on the optimizer's graph that holds it, from missing."""
     return optax.sgd(lr)
+
+
+def _training_loss(y, target, grad_y, probe: float, fit: float):
+    """``probe * sum(y * grad_y) + fit * mean((y - target)**2) / 2``: the gradient check (probe 1, fit 0:
+    dL/dy is ``grad_y``) and the SGD step's loss (probe 0, fit 1: the squared error's) in one compiled
+    program per layer instead of two; compiling is most of a case's time. The weights are exact
+    because the catalogue's outputs are finite (0 * a finite value is 0). The gradients came out bit
+    for bit as from a program of the check alone; the steps within an ulp or two of a program of the
+    step alone in float32 (XLA fuses the larger program differently; docs/performance.md)."""
+    return probe * jnp.sum(y * grad_y) + fit * (0.5 * jnp.mean((y - target) ** 2))
+
+
+#: The learning rate the gradient check's call of the training program is compiled with (its step is
+#: dropped): the runner's, so that the check and the training steps share the program.
+PROBE_LEARNING_RATE = LEARNING_RATE
 
 
 #: Where compiled XLA programs are kept between runs unless JAX is already told (see _compilation_cache).
@@ -432,84 +450,54 @@ class LinenAdapter(_FlaxAdapter):
             y = self._jit(handle, "forward-eval", make)(handle.variables, x)
         return self._output_to_canonical(handle.layer, y)
 
+    def _train(self, handle: LinenHandle, lr: float):
+        """The handle's one training program (see :func:`_training_loss`): ``(params, rest, opt_state, x,
+        target, grad_y, probe, fit) -> (grads, params, opt_state, state updates)``, where ``rest`` is
+        every other collection (the state, which a training-mode use updates, for a stateful handle)."""
+        tx = _sgd(lr)
+
+        def make(module):
+            def train(params, rest, opt_state, x, target, grad_y, probe, fit):
+                def loss(p):
+                    variables = {**rest, "params": p}
+                    if handle.stateful:
+                        y, updates = module.apply(variables, x, update_stats=True, mutable=[STATE_COLLECTION])
+                    else:
+                        y, updates = module.apply(variables, x), {}
+                    return _training_loss(y, target, grad_y, probe, fit), updates
+
+                grads, updates = jax.grad(loss, has_aux=True)(params)
+                steps, opt_state = tx.update(grads, opt_state, params)
+                return grads, optax.apply_updates(params, steps), opt_state, updates
+
+            return train
+
+        return self._jit(handle, ("train", lr, handle.stateful), make)
+
+    def _rest(self, handle: LinenHandle) -> Dict[str, Any]:
+        return {key: value for key, value in handle.variables.items() if key != "params"}
+
     def gradients(self, handle: LinenHandle, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
         layer = handle.layer
         grad_y = self._output_like(layer, grad_output, handle.dtype)
-        x = self._input(layer, x, handle.dtype)
-        if not handle.stateful:
-
-            def make(module):
-                def grads(params, rest, x, grad_y):
-                    _, vjp = jax.vjp(lambda p: module.apply({**rest, "params": p}, x), params)
-                    return vjp(grad_y)[0]
-
-                return grads
-
-            grads = self._jit(handle, "gradients", make)(handle.variables["params"], handle.read_only, x, grad_y)
-        else:
-
-            def make(module):
-                def grads(params, stats, x, grad_y):
-                    def training_call(p):
-                        variables = {"params": p, STATE_COLLECTION: stats}
-                        return module.apply(variables, x, update_stats=True, mutable=[STATE_COLLECTION])
-
-                    _, vjp, updates = jax.vjp(training_call, params, has_aux=True)
-                    return vjp(grad_y)[0], updates
-
-                return grads
-
-            grads, updates = self._jit(handle, "gradients", make)(
-                handle.variables["params"], handle.variables[STATE_COLLECTION], x, grad_y
-            )
-            handle.variables = {**handle.variables, **updates}
+        params = handle.variables["params"]
+        grads, _, _, updates = self._train(handle, PROBE_LEARNING_RATE)(
+            params, self._rest(handle), _sgd(PROBE_LEARNING_RATE).init(params), self._input(layer, x, handle.dtype),
+            jnp.zeros_like(grad_y), grad_y, 1.0, 0.0,
+        )
+        handle.variables = {**handle.variables, **updates}  # a training-mode use: the state moves on
         return self._protocol(handle, grads)
 
     def sgd_step(self, handle: LinenHandle, x: np.ndarray, target: np.ndarray, lr: float) -> LinenHandle:
         layer = handle.layer
-        tx = _sgd(lr)
         if handle.opt_state is None:
-            handle.opt_state = tx.init(handle.variables["params"])
-
-        x = self._input(layer, x, handle.dtype)
+            handle.opt_state = _sgd(lr).init(handle.variables["params"])
         target = self._output_like(layer, target, handle.dtype)
-        if not handle.stateful:
-
-            def make(module):
-                def step(params, rest, opt_state, x, target):
-                    def loss(p):
-                        y = module.apply({**rest, "params": p}, x)
-                        return 0.5 * jnp.mean((y - target) ** 2)
-
-                    grads = jax.grad(loss)(params)
-                    updates, opt_state = tx.update(grads, opt_state, params)
-                    return optax.apply_updates(params, updates), opt_state
-
-                return step
-
-            params, opt_state = self._jit(handle, ("sgd", lr), make)(
-                handle.variables["params"], handle.read_only, handle.opt_state, x, target
-            )
-            handle.variables = {**handle.variables, "params": params}
-        else:
-
-            def make(module):
-                def step(params, stats, opt_state, x, target):
-                    def loss(p):
-                        variables = {"params": p, STATE_COLLECTION: stats}
-                        y, state = module.apply(variables, x, update_stats=True, mutable=[STATE_COLLECTION])
-                        return 0.5 * jnp.mean((y - target) ** 2), state
-
-                    grads, state = jax.grad(loss, has_aux=True)(params)
-                    updates, opt_state = tx.update(grads, opt_state, params)
-                    return optax.apply_updates(params, updates), state, opt_state
-
-                return step
-
-            params, state, opt_state = self._jit(handle, ("sgd", lr), make)(
-                handle.variables["params"], handle.variables[STATE_COLLECTION], handle.opt_state, x, target
-            )
-            handle.variables = {**handle.variables, "params": params, **state}
+        _, params, opt_state, updates = self._train(handle, lr)(
+            handle.variables["params"], self._rest(handle), handle.opt_state, self._input(layer, x, handle.dtype),
+            target, jnp.zeros_like(target), 0.0, 1.0,
+        )
+        handle.variables = {**handle.variables, "params": params, **updates}
         handle.opt_state = opt_state
         return handle
 
@@ -544,16 +532,12 @@ def _nnx_forward(module, x):
 
 
 @nnx.jit
-def _nnx_gradients(module, x, grad_y):
-    return nnx.grad(lambda m: jnp.sum(m(x) * grad_y))(module)
-
-
-@nnx.jit
-def _nnx_sgd(module, optimizer, x, target):
-    def loss(m):
-        return 0.5 * jnp.mean((m(x) - target) ** 2)
-
-    optimizer.update(module, nnx.grad(loss)(module))
+def _nnx_train(module, optimizer, x, target, grad_y, probe, fit):
+    """The one training program (see :func:`_training_loss`): updates ``module`` by ``optimizer`` and
+    returns the gradients."""
+    grads = nnx.grad(lambda m: _training_loss(m(x), target, grad_y, probe, fit))(module)
+    optimizer.update(module, grads)
+    return grads
 
 
 class NNXAdapter(_FlaxAdapter):
@@ -615,21 +599,26 @@ class NNXAdapter(_FlaxAdapter):
         return self._output_to_canonical(handle.layer, y)
 
     def gradients(self, handle: NNXHandle, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
+        # the training program on a copy, whose step is dropped; the state a training-mode use moves
+        # (spectral norm's u and v) goes back to the handle's module
         layer = handle.layer
-        grads = _nnx_gradients(
-            handle.module, self._input(layer, x, handle.dtype), self._output_like(layer, grad_output, handle.dtype)
+        probe = nnx.clone(handle.module)
+        grad_y = self._output_like(layer, grad_output, handle.dtype)
+        grads = _nnx_train(
+            probe, nnx.Optimizer(probe, _sgd(PROBE_LEARNING_RATE), wrt=nnx.Param),
+            self._input(layer, x, handle.dtype), jnp.zeros_like(grad_y), grad_y, 1.0, 0.0,
         )
+        nnx.update(handle.module, nnx.state(probe, nnx.BatchStat))
         return self._params(handle, grads)
 
     def sgd_step(self, handle: NNXHandle, x: np.ndarray, target: np.ndarray, lr: float) -> NNXHandle:
         if handle.optimizer is None:
             handle.optimizer = nnx.Optimizer(handle.module, _sgd(lr), wrt=nnx.Param)
         layer = handle.layer
-        _nnx_sgd(
-            handle.module,
-            handle.optimizer,
-            self._input(layer, x, handle.dtype),
-            self._output_like(layer, target, handle.dtype),
+        target = self._output_like(layer, target, handle.dtype)
+        _nnx_train(
+            handle.module, handle.optimizer, self._input(layer, x, handle.dtype), target,
+            jnp.zeros_like(target), 0.0, 1.0,
         )
         return handle
 
