@@ -71,6 +71,19 @@ def _device_args(session):
     return list(session.posargs) or ["--device", "cpu"]
 
 
+#: pytest-xdist workers for the unit tests: their time is compiling (XLA, MindSpore graphs), one core
+#: each. At most 4, for memory (each worker imports its framework and keeps its compiled programs).
+PYTEST_WORKERS = min(os.cpu_count() or 1, 4)
+
+
+def _pytest_parallel():
+    """``(arguments, env)`` running pytest on :data:`PYTEST_WORKERS` processes, a test file per process
+    (its module fixtures and compiled programs stay with it), each with its share of the cores for
+    OpenMP (one pool of every core per process ran about 3x slower than one process, see --jobs)."""
+    arguments = ["-n", str(PYTEST_WORKERS), "--dist", "loadfile"] if PYTEST_WORKERS > 1 else []
+    return arguments, {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // PYTEST_WORKERS))}
+
+
 @nox.session(tags=["test"])
 def lint(session):
     session.install("ruff==0.17.6")
@@ -92,7 +105,8 @@ for _backend in BACKENDS:
         # which runs NumPy adapters only and takes minutes: once, in the torch session.
         core = ["tests/core"] if backend == "torch" else ["tests/core", "--ignore=tests/core/test_conformance_cli.py"]
         # -m "not extended": the extra launchers and modes of the distributed tests (nox -s distributed)
-        session.run("pytest", *core, f"tests/{backend}", "-q", "-m", "not extended")
+        parallel, env = _pytest_parallel()
+        session.run("pytest", *core, f"tests/{backend}", "-q", "-m", "not extended", *parallel, env=env)
         # xnorm's own adapters: the other implementations' (torch's and Flax's own weight norms, mindspore-assign)
         # show how they depart from the spec, in the report (nox -t report), and would add 4 minutes here
         session.run("xnorm", "conformance", "--backend", backend, "--xnorm-only", "--results-dir", RESULTS,
