@@ -190,8 +190,8 @@ def _sgd(lr: float) -> optax.GradientTransformation:
 def _training_loss(y, target, grad_y, probe: float, fit: float):
     """``probe * sum(y * grad_y) + fit * mean((y - target)**2) / 2``: the gradient check (probe 1, fit 0:
     dL/dy is ``grad_y``) and the SGD step's loss (probe 0, fit 1: the squared error's) in one compiled
-    program per layer instead of two; compiling is most of a case's time. The weights are exact
-    because the catalogue's outputs are finite (0 * a finite value is 0). The gradients came out bit
+    program per layer instead of two; compiling is most of a case's time. Weights of 0 and 1 leave
+    dL/dy exact because the catalogue's outputs are finite (0 * a finite value is 0). The gradients came out bit
     for bit as from a program of the check alone; the steps within an ulp or two of a program of the
     step alone in float32 (XLA fuses the larger program differently; docs/performance.md)."""
     return probe * jnp.sum(y * grad_y) + fit * (0.5 * jnp.mean((y - target) ** 2))
@@ -364,8 +364,9 @@ class LinenHandle:
         return isinstance(self.spec, SpectralNorm)
 
     @property
-    def read_only(self) -> Dict[str, Any]:
-        """The collections besides ``params`` (the orthogonal base), passed to every call unchanged."""
+    def other_collections(self) -> Dict[str, Any]:
+        """The collections besides ``params``: the orthogonal base (only read) or spectral norm's state
+        (which a training-mode use updates)."""
         return {key: value for key, value in self.variables.items() if key != "params"}
 
 
@@ -453,7 +454,7 @@ class LinenAdapter(_FlaxAdapter):
     def _train(self, handle: LinenHandle, lr: float):
         """The handle's one training program (see :func:`_training_loss`): ``(params, rest, opt_state, x,
         target, grad_y, probe, fit) -> (grads, params, opt_state, state updates)``, where ``rest`` is
-        every other collection (the state, which a training-mode use updates, for a stateful handle)."""
+        :attr:`LinenHandle.other_collections`."""
         tx = _sgd(lr)
 
         def make(module):
@@ -474,15 +475,13 @@ class LinenAdapter(_FlaxAdapter):
 
         return self._jit(handle, ("train", lr, handle.stateful), make)
 
-    def _rest(self, handle: LinenHandle) -> Dict[str, Any]:
-        return {key: value for key, value in handle.variables.items() if key != "params"}
-
     def gradients(self, handle: LinenHandle, x: np.ndarray, grad_output: np.ndarray) -> Dict[str, np.ndarray]:
         layer = handle.layer
         grad_y = self._output_like(layer, grad_output, handle.dtype)
         params = handle.variables["params"]
+        x = self._input(layer, x, handle.dtype)
         grads, _, _, updates = self._train(handle, PROBE_LEARNING_RATE)(
-            params, self._rest(handle), _sgd(PROBE_LEARNING_RATE).init(params), self._input(layer, x, handle.dtype),
+            params, handle.other_collections, _sgd(PROBE_LEARNING_RATE).init(params), x,
             jnp.zeros_like(grad_y), grad_y, 1.0, 0.0,
         )
         handle.variables = {**handle.variables, **updates}  # a training-mode use: the state moves on
@@ -493,8 +492,9 @@ class LinenAdapter(_FlaxAdapter):
         if handle.opt_state is None:
             handle.opt_state = _sgd(lr).init(handle.variables["params"])
         target = self._output_like(layer, target, handle.dtype)
+        x = self._input(layer, x, handle.dtype)
         _, params, opt_state, updates = self._train(handle, lr)(
-            handle.variables["params"], self._rest(handle), handle.opt_state, self._input(layer, x, handle.dtype),
+            handle.variables["params"], handle.other_collections, handle.opt_state, x,
             target, jnp.zeros_like(target), 0.0, 1.0,
         )
         handle.variables = {**handle.variables, "params": params, **updates}
