@@ -38,9 +38,11 @@ The maps, from primitives that have gradients on every MindSpore device
       triangle padded with zero columns to ``n x n``.
     * ``matrix_exp``: scaling and squaring with the degree-13 Pade approximant (Higham 2005): ``s`` per
       matrix from ``||A||_1`` (not differentiated), 6 matmuls and one solve for the approximant, then
-      :data:`MAX_SQUARINGS` squarings, each kept only for the matrices that need it (a select): the
-      squarings cost 16 matmuls per call whatever ``s`` is, the price of a graph with no data-dependent
-      loop. Beyond ``||A||_1 > 5.37 * 2**16`` (about 3.5e5) too few squarings remain: the result is still
+      :data:`MAX_SQUARINGS` squarings, each kept only for the matrices that need it (a select): in a
+      graph (GRAPH_MODE, ``mindspore.jit``) the squarings cost 16 matmuls per call whatever ``s`` is, the
+      price of a graph with no data-dependent loop; run eagerly (PYNATIVE_MODE, outside ``jit``) the loop
+      stops after the largest ``s`` of the batch, read on the host, with the same result to the bit.
+      Beyond ``||A||_1 > 5.37 * 2**16`` (about 3.5e5) too few squarings remain: the result is still
       exactly orthogonal (a Pade approximant of a skew-symmetric matrix is) but no longer ``exp(A)`` to the
       dtype's precision.
     * ``householder``: the compact WY form of the product of the reflectors ``H_i = I - tau_i v_i v_i^T``,
@@ -67,6 +69,14 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from xnorm.spec import LOW_PRECISION_DTYPES, Orthogonal, StorageLayout
+
+try:  # where MindSpore keeps it (2.10); a release without trace-mode jit has none
+    from mindspore.graph.jit_context import jit_context as _jit_context
+except ImportError:  # pragma: no cover - other MindSpore releases
+    try:
+        from mindspore.common.jit_context import jit_context as _jit_context
+    except ImportError:
+        _jit_context = None
 
 from . import ReparametrizedCell, _dtype_name
 
@@ -98,6 +108,14 @@ class _Solve(nn.Cell):
     def bprop(self, a, b, out, dout):
         grad_b = self.solve_transposed(a, dout)
         return -ops.matmul(grad_b, _mT(out)), grad_b
+
+
+def _runs_eagerly() -> bool:
+    """Whether Python runs a Cell's ``construct`` op by op now: PYNATIVE_MODE and no trace-mode
+    ``mindspore.jit`` recording the ops (that would bake a host value into its graph)."""
+    if mindspore.get_context("mode") != mindspore.PYNATIVE_MODE:
+        return False
+    return _jit_context is None or _jit_context() is None
 
 
 def _compute_dtype(dtype):
@@ -181,7 +199,17 @@ class OrthogonalCell(ReparametrizedCell):
                        + b[1] * eye)
         V = ops.matmul(A6, b[12] * A6 + b[10] * A4 + b[8] * A2) + b[6] * A6 + b[4] * A4 + b[2] * A2 + b[0] * eye
         R = self._solve(V - U, V + U)
+        if self._eager:
+            return self._square_eagerly(R, steps)
         for i in range(MAX_SQUARINGS):
+            R = ops.where(steps > i, ops.matmul(R, R), R)
+        return R
+
+    def _square_eagerly(self, R, steps):
+        """The squarings of ``_matrix_exp`` up to the largest ``steps`` only: op by op, each squaring no
+        matrix needs would be a select of R itself. Never in a graph (``_eager``): it reads ``steps`` on
+        the host."""
+        for i in range(int(steps.max())):
             R = ops.where(steps > i, ops.matmul(R, R), R)
         return R
 
@@ -226,6 +254,30 @@ class OrthogonalCell(ReparametrizedCell):
             Q = _mT(Q)
         Q = ops.reshape(Q, self._storage_shape)
         return ops.cast(Q, self._weight_dtype) if self._low_precision else Q
+
+    #: True only while ``construct`` or :meth:`compute_weight` runs eagerly (PYNATIVE_MODE, outside any
+    #: ``mindspore.jit``), where ``_matrix_exp`` may read a tensor on the host. A graph reads the class's
+    #: False as a constant: in GRAPH_MODE and under ``mindspore.jit`` (whose AST parser never runs
+    #: ``__call__``) the squarings stay a fixed sequence.
+    _eager = False
+
+    def __call__(self, *args, **kwargs):
+        if not _runs_eagerly():
+            return super().__call__(*args, **kwargs)
+        object.__setattr__(self, "_eager", True)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            object.__delattr__(self, "_eager")
+
+    def compute_weight(self) -> Tensor:
+        if not _runs_eagerly():
+            return super().compute_weight()
+        object.__setattr__(self, "_eager", True)
+        try:
+            return super().compute_weight()
+        finally:
+            object.__delattr__(self, "_eager")
 
     def extend_repr(self) -> str:
         return (f"layer={type(self._xnorm_layer).__name__}, name={self.wrapped_name!r}, "

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrizations
 
 import xnorm
 from xnorm import reference_orthogonal
-from xnorm._backends.mindspore.orthogonal import MAX_SQUARINGS
+from xnorm._backends.mindspore.orthogonal import _THETA13, MAX_SQUARINGS, OrthogonalCell
 from xnorm.conformance.tolerances import assert_close
 from xnorm.errors import AlreadyWrappedError, DimError, OptionError
 
@@ -151,6 +151,66 @@ def test_matrix_exp_beyond_the_compiled_squarings_stays_orthogonal():
     huge = 10.0 * 5.4 * 2.0 ** MAX_SQUARINGS
     wrapped.weight_orig.set_data(Tensor(huge * np.random.default_rng(6).standard_normal((4, 4))))
     assert _gram_error(_copy(wrapped.compute_weight())) < 1e-9
+
+
+def _squarings(original: np.ndarray) -> int:
+    """How many squarings the scaling and squaring of ``exp(T - T^T)`` needs, T the lower triangle."""
+    lower = np.tril(original)
+    norm = np.abs(lower - lower.T).sum(axis=0).max()
+    return int(np.clip(np.ceil(np.log2(norm / _THETA13)), 0, MAX_SQUARINGS))
+
+
+@pytest.mark.parametrize("scale", [0.05, 40.0, 3000.0, 10.0 * 5.4 * 2.0 ** MAX_SQUARINGS])
+def test_pynative_squares_only_as_often_as_needed(scale, monkeypatch):
+    """Run op by op, the matrix exponential stops squaring after the largest number the batch needs
+    (from none to all of them), with the output, gradient and weight bit-equal to those of the fixed
+    sequence of squarings, also run op by op; a graph (``mindspore.jit`` in PYNATIVE_MODE, GRAPH_MODE)
+    never takes the eager path."""
+    from xnorm._backends.mindspore import orthogonal
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    eager_squarings = []
+    square_eagerly = OrthogonalCell._square_eagerly
+
+    def spy(self, R, steps):
+        eager_squarings.append(int(steps.max()))
+        return square_eagerly(self, R, steps)
+
+    monkeypatch.setattr(OrthogonalCell, "_square_eagerly", spy)
+    rng = np.random.default_rng(11)
+    original = scale * rng.standard_normal((6, 6))
+    dense = nn.Dense(6, 6, has_bias=False, dtype=ms.float64)
+    wrapped = xnorm.orthogonal(dense, "matrix_exp", use_trivialization=False)
+    wrapped.weight_orig.set_data(Tensor(original))
+    x = Tensor(rng.standard_normal((3, 6)))
+
+    def objective(data):
+        return (wrapped(data) * data).sum()
+
+    gradient = ms.grad(objective, None, wrapped.trainable_params())
+
+    def run():
+        return wrapped(x).asnumpy(), gradient(x)[0].asnumpy(), wrapped.compute_weight().asnumpy()
+
+    eager = run()
+    assert eager_squarings == [_squarings(original)] * 3
+    with monkeypatch.context() as fixed:
+        fixed.setattr(orthogonal, "_runs_eagerly", lambda: False)
+        every_squaring = run()
+    for got, expected in zip(eager, every_squaring, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    def compiled_forward(data):
+        return wrapped(data)
+
+    ms.jit(compiled_forward)(x)
+    assert len(eager_squarings) == 3, "a compiled graph took the eager path"
+    assert orthogonal._runs_eagerly()
+    ms.set_context(mode=ms.GRAPH_MODE)
+    assert not orthogonal._runs_eagerly(), "GRAPH_MODE would take the eager path"
+    if scale < 1e5:  # beyond the compiled squarings the result is orthogonal but no longer exp(A)
+        assert_close(eager[2], reference_orthogonal.forward(original, "matrix_exp"), "float64", "weight",
+                     what=f"exp(A), ||A|| ~ {scale:g}, op by op")
 
 
 def test_training_keeps_the_weight_orthogonal_and_base_fixed():
