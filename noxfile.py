@@ -96,8 +96,8 @@ for _backend in BACKENDS:
     def tests(session, backend=_backend):
         """Core tests, the backend's own tests and its conformance catalogue (results saved for `cross`).
 
-        The catalogue runs through ``xnorm conformance``, the backend's adapters side by side (one process per
-        core), not ``pytest conformance`` (one process): the same cases, checks and exit status in half the
+        The catalogue runs through ``xnorm conformance``, each adapter's cases dealt out to one process per
+        core, not ``pytest conformance`` (one process): the same cases, checks and exit status in half the
         time; tests/core checks the pytest plugin itself on the NumPy reference adapter."""
         _install(session, backend)
         # tests/core runs in every environment (what it checks depends on what is installed there: "import

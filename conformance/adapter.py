@@ -64,6 +64,13 @@ class Adapter(abc.ABC):
     def setup(self, device: str) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Called once before the cases of ``device`` run (select the device, set graph mode...)."""
 
+    def seed(self, seed: int) -> None:
+        """Called before each case with a number derived from the case's id: seed every random generator
+        the backend may draw from while wrapping (spectral norm's u and v, the columns completing a
+        non-square orthogonal weight), so that a case computes the same whichever cases ran before it
+        and in whichever process. By default NumPy's global generator."""
+        np.random.seed(seed)
+
     # -- life cycle -------------------------------------------------------------------------------
     @abc.abstractmethod
     def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> Any:

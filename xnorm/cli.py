@@ -15,6 +15,7 @@ import argparse
 import importlib
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +44,9 @@ EXIT_INCOMPLETE = 3
 def _conformance(args) -> int:
     from .conformance.adapters import OTHER_IMPLEMENTATIONS, adapter_names, installed_adapters
 
-    names = [n for selector in (args.backend or installed_adapters()) for n in adapter_names(selector)]
+    # each adapter once, however often it was named (its parts would share their folders)
+    selectors = args.backend or installed_adapters()
+    names = list(dict.fromkeys(name for selector in selectors for name in adapter_names(selector)))
     if args.xnorm_only:
         names = [name for name in names if name not in OTHER_IMPLEMENTATIONS]
     if not names:
@@ -52,40 +55,87 @@ def _conformance(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         from .errors import OptionError
 
-        raise OptionError(f"--jobs {args.jobs}: give at least 1 (adapters run side by side, one process each).")
-    jobs = min(args.jobs or os.cpu_count() or 1, len(names))
+        raise OptionError(f"--jobs {args.jobs}: give at least 1 (processes side by side, each running a part of "
+                          "an adapter's catalogue).")
+    jobs = args.jobs or os.cpu_count() or 1
     codes = _adapters_in_processes(names, args, jobs) if jobs > 1 else [_run_adapter(name, args) for name in names]
     # a failure outweighs an incomplete run, which outweighs anything else
     return next((code for code in (1, EXIT_INCOMPLETE) if code in codes), max(codes))
 
 
-def _run_adapter(name: str, args) -> int:
-    """Run one adapter's catalogue in this process, save it and print its counts; the exit status."""
-    from .conformance.adapters import load_adapter
-    from .conformance.console import Progress, framework_output_to
-    from .conformance.report import LOG_NAME, STATE_WORDS
-    from .conformance.runner import FAILED, NOT_RUN, run_suite
+def _parse_part(text: Optional[str]):
+    """``"K/N"`` (1-based) as ``(K - 1, N)``; None for the whole catalogue."""
+    if text is None:
+        return None
+    from .errors import OptionError
 
+    try:
+        part, parts = (int(number) for number in text.split("/"))
+    except ValueError:
+        part = parts = 0
+    if not 1 <= part <= parts:
+        raise OptionError(f"--part {text}: give K/N with 1 <= K <= N (part K of the catalogue dealt in N parts).")
+    return part - 1, parts
+
+
+def _run_adapter(name: str, args) -> int:
+    """Run one adapter's catalogue (or the part ``--part`` names) in this process, save it and print its
+    counts; the exit status."""
+    from .conformance.adapters import load_adapter
+    from .conformance.cases import catalogue
+    from .conformance.console import Progress, framework_output_to
+    from .conformance.report import LOG_NAME
+    from .conformance.runner import CATALOGUE_DTYPES, run_suite
+    from .conformance.shards import part_of
+
+    part = _parse_part(getattr(args, "part", None))
+    target = name
     adapter = load_adapter(name)
     name = adapter.name  # a third-party adapter given as module:Class saves under its own name
     folder = Path(args.results_dir) / name
-    log = folder / LOG_NAME
+    cases = catalogue(CATALOGUE_DTYPES, args.device)
+    label, save_to = name, Path(args.results_dir)
+    if part is not None:  # saved apart; the process that started the parts merges them and judges the whole
+        cases = part_of(cases, *part)
+        label = f"{name} (part {part[0] + 1} of {part[1]})"
+        save_to = _part_folder(Path(args.results_dir), target, *part)
+    log = save_to / name / LOG_NAME
     log.unlink(missing_ok=True)
-    print(f"running {name} on {', '.join(args.device)}; its framework output goes to {log}", file=sys.stderr)
+    print(f"running {label} on {', '.join(args.device)}; its framework output goes to {folder / LOG_NAME}",
+          file=sys.stderr)
     with framework_output_to(log) as terminal:
-        suite = run_suite(adapter, devices=args.device, progress=Progress(name, terminal, quiet=args.quiet))
-    suite.save(Path(args.results_dir), log=f"{name}/{LOG_NAME}")
-    counts = suite.summary()["counts"]
+        suite = run_suite(adapter, devices=args.device, cases=cases,
+                          progress=Progress(label, terminal, quiet=args.quiet))
+    suite.save(save_to, log=f"{name}/{LOG_NAME}")
+    if part is not None:
+        return 0
+    return _verdict(suite.summary(), folder, args)
+
+
+def _part_folder(results_dir: Path, target: str, part: int, parts: int) -> Path:
+    """Where part ``part`` (0-based) of the adapter ``target`` (a name or module:Class) saves its results."""
+    from .conformance.shards import PARTS_FOLDER
+
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in target)
+    return results_dir / PARTS_FOLDER / slug / f"{part + 1}-of-{parts}"
+
+
+def _verdict(summary: dict, folder: Path, args) -> int:
+    """Print an adapter's counts (and why its run is incomplete, if it is); its exit status."""
+    from .conformance.report import STATE_WORDS
+    from .conformance.runner import FAILED, NOT_RUN
+
+    name, counts = summary["adapter"], summary["counts"]
     print(f"{name}: " + ", ".join(f"{n} {STATE_WORDS[state]}" for state, n in counts.items())
           + f" (report: {folder / 'report.md'})")
     if counts[FAILED]:
         print(f"xnorm conformance: {name}: {counts[FAILED]} case(s) failed", file=sys.stderr)
         return 1
     problems = []
-    absent = suite.absent_devices()
+    absent = summary["absent_devices"]
     if absent and not args.best_effort:
         problems.append(f"device(s) {', '.join(absent)} absent")
-    if counts[NOT_RUN] == len(suite.results):
+    if counts[NOT_RUN] == len(summary["cases"]):
         problems.append("no case ran")
     if problems:
         print(
@@ -98,18 +148,26 @@ def _run_adapter(name: str, args) -> int:
 
 
 def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
-    """Each adapter in its own ``xnorm conformance`` process, ``jobs`` at a time.
+    """Each adapter in ``jobs`` parts, each part in its own ``xnorm conformance --part`` process, ``jobs``
+    processes at a time; then each adapter's parts merged into its results folder
+    (:mod:`xnorm.conformance.shards`).
 
-    Compiling (MindSpore graphs, XLA programs) dominates a run and uses one core, so adapters side by
-    side use a multi-core machine; separate processes also keep frameworks' process-wide modes (MindSpore's
-    graph/PyNative switch, its committed device) apart. Progress lines reach this terminal as the children
-    write them; each child's counts are printed in the adapters' order when it ends.
+    Compiling (MindSpore graphs, XLA programs) dominates a run and uses one core, so processes side by
+    side use a multi-core machine; parts rather than whole adapters keep every core busy to the end (one
+    adapter may take as long as the others together); separate processes also keep frameworks'
+    process-wide modes (MindSpore's graph/PyNative switch, its committed device) apart. Progress lines
+    reach this terminal as the children write them; each adapter's counts are printed in the adapters'
+    order once all ended.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from .conformance.adapters import ADAPTERS
+    from .conformance.cases import catalogue
+    from .conformance.report import LOG_NAME
+    from .conformance.runner import CATALOGUE_DTYPES
+    from .conformance.shards import PARTS_FOLDER, merge_parts
 
-    shared = ["--results-dir", args.results_dir, "--jobs", "1"]
+    shared = ["--jobs", "1"]
     shared += [arg for device in args.device for arg in ("--device", device)]
     shared += ["--quiet"] * args.quiet + ["--best-effort"] * args.best_effort
     # A child imports what this process imports (a third-party adapter included): this import path, led
@@ -121,18 +179,43 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     # a pool of every core, ran 3x slower than one process alone. A setting of the user's stays.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     child = "import sys; sys.path[0] == '' and sys.path.pop(0); from xnorm.cli import main; sys.exit(main())"
+    parts_root = Path(args.results_dir) / PARTS_FOLDER
+    shutil.rmtree(parts_root, ignore_errors=True)
+    # module:Class, never the name: "torch" alone would mean the torch backend, both its adapters.
+    targets = [ADAPTERS.get(name, name) for name in names]
+    units = [(index, part) for index in range(len(names)) for part in range(jobs)]
 
-    def run(name: str):
-        # module:Class, never the name: "torch" alone would mean the torch backend, both its adapters.
-        target = ADAPTERS.get(name, name)
-        command = [sys.executable, "-c", child, "conformance", "--backend", target, *shared]
-        return subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+    def unit_folder(index: int, part: int) -> Path:
+        return _part_folder(Path(args.results_dir), targets[index], part, jobs)
+
+    def run(unit):
+        index, part = unit
+        command = [sys.executable, "-c", child, "conformance", "--backend", targets[index],
+                   "--part", f"{part + 1}/{jobs}", "--results-dir", args.results_dir, *shared]
+        return subprocess.run(command, env=env)
 
     with ThreadPoolExecutor(jobs) as pool:
-        finished = list(pool.map(run, names))
-    for child in finished:
-        print(child.stdout, end="")
-    return [child.returncode for child in finished]
+        finished = dict(zip(units, pool.map(run, units), strict=True))
+    order = [case.id for case in catalogue(CATALOGUE_DTYPES, args.device)]
+    codes, incomplete = [], False
+    for index, name in enumerate(names):
+        folders = []
+        for part in range(jobs):
+            saved = [path.parent for path in unit_folder(index, part).glob("*/summary.json")]
+            if len(saved) != 1:
+                status = finished[(index, part)].returncode
+                print(f"xnorm conformance: {name}: part {part + 1} of {jobs} ended with status {status} and saved "
+                      f"no results (its output is under {unit_folder(index, part)})", file=sys.stderr)
+                incomplete = True
+                codes.append(1)
+                break
+            folders.append(saved[0])
+        else:
+            target = Path(args.results_dir) / folders[0].name
+            codes.append(_verdict(merge_parts(folders, target, order, LOG_NAME), target, args))
+    if not incomplete:  # else kept, for the output of the part that saved nothing
+        shutil.rmtree(parts_root, ignore_errors=True)
+    return codes
 
 
 def _report(args) -> int:
@@ -299,7 +382,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     best_effort = "report what can run and exit 0 when a requested device is absent (it is still reported not run)"
     conf.add_argument("--best-effort", action="store_true", help=best_effort)
     conf.add_argument(
-        "--jobs", type=int, default=None, help="adapters run side by side, each in its own process (default: cores)"
+        "--jobs", type=int, default=None,
+        help="processes side by side (default: cores); each adapter's catalogue is dealt out to this many, and "
+        "their results merged (1: every adapter in this process)",
+    )
+    conf.add_argument(
+        "--part", metavar="K/N",
+        help="run only part K of the catalogue dealt in N parts, and save it without a verdict (what --jobs "
+        "gives each process)",
     )
     conf.add_argument(
         "--xnorm-only", action="store_true",

@@ -67,6 +67,9 @@ class ReferenceAdapter(Adapter):
     def __init__(self):
         self._rng = np.random.default_rng(0)
 
+    def seed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
     def _dim(self, handle):
         return handle["spec"].resolved_dim(handle["tensors"].get("original", handle["tensors"].get("v")).ndim,
                                            handle["layer"].kind)

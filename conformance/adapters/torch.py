@@ -75,6 +75,11 @@ class TorchAdapter(Adapter):
     def setup(self, device: str) -> None:
         self._device = _DEVICES[device]
 
+    def seed(self, seed: int) -> None:
+        """torch's generator too: spectral norm's u and v and the orthogonal completion are drawn by torch."""
+        super().seed(seed)
+        torch.manual_seed(seed)
+
     def _tensor(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self._device, dtype)
 

@@ -102,7 +102,8 @@ def test_an_absent_device_runs_nothing_and_exits_non_zero_unless_best_effort(tmp
 
 def test_progress_on_the_terminal_and_framework_output_in_the_log(tmp_path, adapters, capfd):
     results = tmp_path / "results"
-    assert main(["conformance", "--backend", f"{adapters}:Noisy", "--results-dir", str(results)]) == 0
+    argv = ["conformance", "--backend", f"{adapters}:Noisy", "--results-dir", str(results), "--jobs", "1"]
+    assert main(argv) == 0  # in this process (in parts: test_an_adapter_run_in_parts_saves_what_one_process_saves)
     captured = capfd.readouterr()
     total = len(catalogue(CATALOGUE_DTYPES))
     assert f"numpy-noisy: {total}/{total} cases, 0 failed" in captured.err
@@ -241,8 +242,18 @@ def test_adapters_run_side_by_side_in_their_own_processes(tmp_path, adapters, ca
     captured = capfd.readouterr()
     total = len(catalogue(CATALOGUE_DTYPES))
     for name in ("numpy-broken", "numpy-reference", "numpy-noisy"):
-        assert f"  {name}: {total}/{total} cases" in captured.err  # each child's progress reached the terminal
+        # each child's progress reached the terminal: every adapter in two parts, one process each, which
+        # ended with all of their cases done and together ran the whole catalogue
+        sizes = []
+        for part in (1, 2):
+            last = [line for line in captured.err.splitlines() if line.startswith(f"  {name} (part {part} of 2): ")][-1]
+            done, size = last.split(": ")[1].split(" cases")[0].split("/")
+            assert done == size
+            sizes.append(int(size))
+        assert sum(sizes) == total and min(sizes) > 0
         assert (results / name / "summary.json").is_file()
+        assert len(_summary(results, name)["cases"]) == total
+    assert not (results / ".parts").exists()  # merged, then removed
     # the counts come in the adapters' order, whichever child ended first
     order = [captured.out.index(f"{name}: ") for name in ("numpy-broken", "numpy-reference", "numpy-noisy")]
     assert order == sorted(order)
@@ -251,6 +262,93 @@ def test_adapters_run_side_by_side_in_their_own_processes(tmp_path, adapters, ca
     assert _summary(results, "numpy-reference")["counts"]["failed"] == 0
     assert main([*argv[:-4], "--results-dir", str(results), "--jobs", "0"]) == 2
     assert "--jobs 0: give at least 1" in capfd.readouterr().err
+
+
+def _without_times(summary: dict) -> dict:
+    cases = [{key: value for key, value in case.items() if key != "seconds"} for case in summary["cases"]]
+    return {**{key: value for key, value in summary.items() if key not in ("finished", "cases")}, "cases": cases}
+
+
+def test_an_adapter_run_in_parts_saves_what_one_process_saves(tmp_path, adapters, capfd):
+    """Split into three parts (three processes) or run in this process, the broken adapter's results are
+    the same: cases in catalogue order with their checks and reasons, counts, arrays, report and exit
+    status; its log holds every part's framework output."""
+    argv = ["conformance", "--backend", f"{adapters}:Broken", "--backend", f"{adapters}:Noisy"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main([*argv, "--results-dir", str(whole), "--jobs", "1"]) == 1
+    assert main([*argv, "--results-dir", str(parts), "--jobs", "3"]) == 1
+    capfd.readouterr()
+    for name in ("numpy-broken", "numpy-noisy"):
+        assert _without_times(_summary(parts, name)) == _without_times(_summary(whole, name))
+        with np.load(whole / name / "arrays.npz") as one, np.load(parts / name / "arrays.npz") as merged:
+            assert sorted(one.files) == sorted(merged.files) and one.files
+            for key in one.files:
+                np.testing.assert_array_equal(merged[key], one[key])
+        assert (parts / name / "report.md").read_text() == (whole / name / "report.md").read_text()
+    log = (parts / "numpy-noisy" / "run.log").read_text()
+    assert [log.count(f"==> part {part} of 3 <==") for part in (1, 2, 3)] == [1, 1, 1]
+    assert log.count("native noise from a kernel") == (whole / "numpy-noisy" / "run.log").read_text().count(
+        "native noise from a kernel") > 0
+
+
+def test_parts_deal_every_case_once_keeping_a_layers_cases_together():
+    from xnorm.conformance.shards import part_of
+
+    cases = catalogue(CATALOGUE_DTYPES)
+    for parts in (1, 2, 3, 5):
+        dealt = [part_of(cases, part, parts) for part in range(parts)]
+        ids = [case.id for part in dealt for case in part]
+        assert sorted(ids) == sorted(case.id for case in cases) and len(set(ids)) == len(ids)
+        position = {case.id: index for index, case in enumerate(cases)}
+        for part in dealt:
+            assert [position[case.id] for case in part] == sorted(position[case.id] for case in part)
+            # every dtype in every part, and no part much larger than another
+            assert {case.dtype for case in part} == set(CATALOGUE_DTYPES)
+            assert len(part) <= len(cases) / parts * 1.1
+        owner = {case.id: index for index, part in enumerate(dealt) for case in part}
+        for case, following in zip(cases, cases[1:], strict=False):
+            if getattr(case, "layer", None) is not None and (case.layer, case.dtype, case.reparametrization) == (
+                    getattr(following, "layer", None), following.dtype, following.reparametrization):
+                assert owner[case.id] == owner[following.id], (case.id, following.id)
+    with pytest.raises(ValueError):
+        part_of(cases, 2, 2)
+
+
+def test_a_part_that_saves_nothing_fails_the_run_and_keeps_its_output(tmp_path, adapters, capfd, monkeypatch):
+    """A child that dies (killed, out of memory) leaves no results: its adapter is failed, not merged from
+    the parts that did save, and the parts' folder stays for the output."""
+    results = tmp_path / "results"
+    (tmp_path / "dies.py").write_text(textwrap.dedent(
+        """
+        import os
+        from xnorm.conformance.adapters.reference import ReferenceAdapter
+
+
+        class DiesInPartTwo(ReferenceAdapter):
+            name = "numpy-dies"
+
+            def build(self, layer, weight, bias, dtype):
+                if os.environ.get("XNORM_TEST_PART") == "2":
+                    os._exit(9)
+                return super().build(layer, weight, bias, dtype)
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import xnorm.cli as cli
+
+    real_run = cli.subprocess.run
+
+    def run(command, **kwargs):  # tell each child its part, as the test's adapter reads it
+        part = command[command.index("--part") + 1].split("/")[0]
+        return real_run(command, **{**kwargs, "env": {**kwargs["env"], "XNORM_TEST_PART": part}})
+
+    monkeypatch.setattr(cli.subprocess, "run", run)
+    argv = ["conformance", "--backend", "dies:DiesInPartTwo", "--backend", REFERENCE, "--results-dir", str(results)]
+    assert main([*argv, "--jobs", "2"]) == 1
+    err = capfd.readouterr().err
+    assert "dies:DiesInPartTwo: part 2 of 2 ended with status 9 and saved no results" in err
+    assert not (results / "numpy-dies").exists()
+    assert _summary(results, "numpy-reference")["counts"]["failed"] == 0
+    assert (results / ".parts").is_dir()
 
 
 def test_each_adapter_of_a_backend_runs_once_even_when_one_shares_the_backends_name(
@@ -267,7 +365,8 @@ def test_each_adapter_of_a_backend_runs_once_even_when_one_shares_the_backends_n
     assert main(argv) == 0
     captured = capfd.readouterr()
     for name in ("numpy-reference", "numpy-noisy"):
-        assert captured.err.count(f"running {name} on cpu") == 1, captured.err
+        for part in (1, 2):
+            assert captured.err.count(f"running {name} (part {part} of 2) on cpu") == 1, captured.err
         assert captured.out.count(f"{name}: ") == 1, captured.out
 
 
