@@ -199,20 +199,25 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     order = [case.id for case in catalogue(CATALOGUE_DTYPES, args.device)]
     codes, incomplete = [], False
     for index, name in enumerate(names):
-        folders = []
-        for part in range(jobs):
-            saved = [path.parent for path in unit_folder(index, part).glob("*/summary.json")]
-            if len(saved) != 1:
-                status = finished[(index, part)].returncode
-                print(f"xnorm conformance: {name}: part {part + 1} of {jobs} ended with status {status} and saved "
-                      f"no results (its output is under {unit_folder(index, part)})", file=sys.stderr)
-                incomplete = True
-                codes.append(1)
-                break
-            folders.append(saved[0])
-        else:
+        saved = [list(unit_folder(index, part).glob("*/summary.json")) for part in range(jobs)]
+        lost = [part for part in range(jobs) if len(saved[part]) != 1]
+        if not lost:
+            folders = [found[0].parent for found in saved]
             target = Path(args.results_dir) / folders[0].name
             codes.append(_verdict(merge_parts(folders, target, order, LOG_NAME), target, args))
+            continue
+        incomplete = True
+        codes.append(1)
+        for part in lost:
+            print(f"xnorm conformance: {name}: part {part + 1} of {jobs} ended with status "
+                  f"{finished[(index, part)].returncode} and saved no results (its output is under "
+                  f"{unit_folder(index, part)})", file=sys.stderr)
+        # an earlier run's results must not stand in for this one's in the report
+        known = {found[0].parent.name for found in saved if len(found) == 1} | ({name} & set(ADAPTERS))
+        for stale in known:
+            if (Path(args.results_dir) / stale / "summary.json").exists():
+                shutil.rmtree(Path(args.results_dir) / stale)
+                print(f"xnorm conformance: removed the earlier results of {stale}", file=sys.stderr)
     if not incomplete:  # else kept, for the output of the part that saved nothing
         shutil.rmtree(parts_root, ignore_errors=True)
     return codes

@@ -316,7 +316,8 @@ def test_parts_deal_every_case_once_keeping_a_layers_cases_together():
 
 def test_a_part_that_saves_nothing_fails_the_run_and_keeps_its_output(tmp_path, adapters, capfd, monkeypatch):
     """A child that dies (killed, out of memory) leaves no results: its adapter is failed, not merged from
-    the parts that did save, and the parts' folder stays for the output."""
+    the parts that did save, an earlier run's results of it are removed (the report would take them for
+    this run's), and the parts' folder stays for the output."""
     results = tmp_path / "results"
     (tmp_path / "dies.py").write_text(textwrap.dedent(
         """
@@ -343,9 +344,13 @@ def test_a_part_that_saves_nothing_fails_the_run_and_keeps_its_output(tmp_path, 
 
     monkeypatch.setattr(cli.subprocess, "run", run)
     argv = ["conformance", "--backend", "dies:DiesInPartTwo", "--backend", REFERENCE, "--results-dir", str(results)]
+    # an earlier run's results, which the report would read as this run's
+    (results / "numpy-dies").mkdir(parents=True)
+    (results / "numpy-dies" / "summary.json").write_text("{}")
     assert main([*argv, "--jobs", "2"]) == 1
     err = capfd.readouterr().err
     assert "dies:DiesInPartTwo: part 2 of 2 ended with status 9 and saved no results" in err
+    assert "removed the earlier results of numpy-dies" in err
     assert not (results / "numpy-dies").exists()
     assert _summary(results, "numpy-reference")["counts"]["failed"] == 0
     assert (results / ".parts").is_dir()
