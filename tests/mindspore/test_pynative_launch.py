@@ -63,8 +63,10 @@ np.savez(out, **saved)
 def _run(way: str, folder) -> dict:
     out = os.path.join(folder, f"{way}.npz")
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # run from the temporary folder: `python -c` puts the working directory first on the path, where the
+    # repository's source xnorm/ would shadow the installed package
     done = subprocess.run([sys.executable, "-c", CHILD, way, out], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=folder)
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(out) as arrays:
         return dict(arrays)
