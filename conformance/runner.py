@@ -114,6 +114,18 @@ def state_counts(states: Iterable[str]) -> Dict[str, int]:
     return counts
 
 
+def tally(cases: Sequence[dict]) -> Dict[str, dict]:
+    """``{"counts", "check_counts"}`` of a summary, from its cases (:meth:`CaseResult.to_json`): cases and
+    each check counted by state (:func:`state_counts`)."""
+    return {
+        "counts": state_counts(case["status"] for case in cases),
+        "check_counts": {
+            name: state_counts(case["checks"][name]["state"] for case in cases if name in case["checks"])
+            for name in CHECKS
+        },
+    }
+
+
 class ConformanceError(Exception):
     """A misuse of the suite itself (bad expected-failure file, adapter breaking the protocol)."""
 
@@ -552,6 +564,7 @@ class SuiteRun:
         return sorted({r.case.device for r in self.results if r.reason.startswith("device ")})
 
     def summary(self) -> dict:
+        cases = [result.to_json() for result in self.results]
         return {
             "adapter": self.adapter.name,
             "backend": self.adapter.backend,
@@ -563,11 +576,8 @@ class SuiteRun:
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "counts": state_counts(r.status for r in self.results),
-            "check_counts": {
-                name: state_counts(r.checks[name].state for r in self.results if name in r.checks) for name in CHECKS
-            },
-            "cases": [result.to_json() for result in self.results],
+            **tally(cases),
+            "cases": cases,
         }
 
     def save(self, results_dir: Path, *, log: Optional[str] = None) -> Path:

@@ -26,7 +26,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from .runner import CHECKS, state_counts
+from .runner import tally
 
 __all__ = ["part_of", "merge_parts", "PARTS_FOLDER"]
 
@@ -80,11 +80,7 @@ def merge_parts(part_folders: Sequence[Path], target: Path, order: Sequence[str]
         devices=sorted({device for summary in summaries for device in summary["devices"]}),
         absent_devices=sorted({device for summary in summaries for device in summary["absent_devices"]}),
         finished=max(summary["finished"] for summary in summaries),
-        counts=state_counts(case["status"] for case in cases),
-        check_counts={
-            name: state_counts(case["checks"][name]["state"] for case in cases if name in case["checks"])
-            for name in CHECKS
-        },
+        **tally(cases),
         cases=cases,
         log=f"{target.name}/{log_name}",
     )
