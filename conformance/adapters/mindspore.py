@@ -68,7 +68,6 @@ _DTYPES = {"float16": mindspore.float16, "float32": mindspore.float32, "float64"
 _TARGETS = {"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}
 # The device this process committed to (MindSpore cannot switch devices once kernels ran).
 _COMMITTED: Dict[str, str] = {}
-_GC_FROZEN: List[bool] = []  # once per process (setup)
 
 
 def storage_layout(layer: LayerCase) -> StorageLayout:
@@ -314,13 +313,12 @@ class _MindSporeAdapter(Adapter):
             _COMMITTED["device"] = device
         mindspore.set_context(mode=self.mode)
         self._device = device
-        if not _GC_FROZEN:
-            # MindSpore runs a full gc.collect() before every graph compile (graph/api.py, compile), 0.1 to
-            # 0.15 s here with MindSpore's 160,000 import-time objects: 30% of a GRAPH_MODE case. Freezing
-            # what exists now (modules, functions, the adapter) leaves only each case's own objects to scan.
-            gc.collect()
-            gc.freeze()
-            _GC_FROZEN.append(True)
+        # MindSpore runs a full gc.collect() before every graph compile (graph/api.py, compile), 0.1 to 0.15 s
+        # here with MindSpore's 160,000 import-time objects: 30% of a GRAPH_MODE case. Freezing what exists
+        # now (modules, functions, and what adapters set up earlier in this process left alive) leaves only
+        # each case's own objects to scan.
+        gc.collect()
+        gc.freeze()
 
     # -- life cycle -------------------------------------------------------------------------------
     def build(self, layer: LayerCase, weight: np.ndarray, bias: Optional[np.ndarray], dtype: str) -> nn.Cell:
