@@ -44,6 +44,9 @@ EXIT_INCOMPLETE = 3
 def _conformance(args) -> int:
     from .conformance.adapters import OTHER_IMPLEMENTATIONS, adapter_names, installed_adapters
 
+    if args.parts_from_stdin:
+        return _serve_parts(args)
+
     # each adapter once, however often it was named (its parts would share their folders)
     selectors = args.backend or installed_adapters()
     names = list(dict.fromkeys(name for selector in selectors for name in adapter_names(selector)))
@@ -112,6 +115,28 @@ def _run_adapter(name: str, args) -> int:
     return _verdict(suite.summary(), folder, args)
 
 
+#: how a ``--parts-from-stdin`` process tells the one that started it that a part ended, and with which
+#: status: a line of its own on stdout (the frameworks' output goes to the adapter's log meanwhile)
+PART_ENDED = "xnorm-conformance-part-ended"
+
+
+def _serve_parts(args) -> int:
+    """Run parts as ``--jobs`` hands them out, one per line of stdin (``<adapter>\t<K>/<N>``), in this
+    process, one after another; after each, a :data:`PART_ENDED` line with its status on stdout. Ends at
+    the end of stdin."""
+    import traceback
+
+    for line in sys.stdin:
+        target, _, part = line.rstrip("\n").partition("\t")
+        try:
+            status = _run_adapter(target, argparse.Namespace(**{**vars(args), "part": part}))
+        except Exception:  # the part saved nothing; the parts after it still run
+            traceback.print_exc()
+            status = 1
+        print(f"{PART_ENDED} {status}", flush=True)
+    return 0
+
+
 def _part_folder(results_dir: Path, target: str, part: int, parts: int) -> Path:
     """Where part ``part`` (0-based) of the adapter ``target`` (a name or module:Class) saves its results."""
     from .conformance.shards import PARTS_FOLDER
@@ -147,18 +172,28 @@ def _verdict(summary: dict, folder: Path, args) -> int:
     return 0
 
 
+#: parts of each adapter per process of ``--jobs``: parts of equal case counts differ in time (one of
+#: ``mindspore-graph``'s two parts took 22 s longer than the other), and smaller ones let the process
+#: that is free first take the next, so no core idles at the end. Measured on this project's 2-core
+#: machine (2026-12-03), ``xnorm conformance --backend mindspore``: 188 s with 1, 174 s with 3.
+PARTS_PER_PROCESS = 3
+
+
 def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
-    """Each adapter in ``jobs`` parts, each part in its own ``xnorm conformance --part`` process, ``jobs``
-    processes at a time; then each adapter's parts merged into its results folder
-    (:mod:`xnorm.conformance.shards`).
+    """Each adapter in ``jobs * PARTS_PER_PROCESS`` parts, run by ``jobs`` processes side by side
+    (``xnorm conformance --parts-from-stdin``), each taking the next part not yet taken when it is free;
+    then each adapter's parts merged into its results folder (:mod:`xnorm.conformance.shards`).
 
     Compiling (MindSpore graphs, XLA programs) dominates a run and uses one core, so processes side by
     side use a multi-core machine; parts rather than whole adapters keep every core busy to the end (one
-    adapter may take as long as the others together); separate processes also keep frameworks'
-    process-wide modes (MindSpore's graph/PyNative switch, its committed device) apart. Progress lines
-    reach this terminal as the children write them; each adapter's counts are printed in the adapters'
-    order once all ended.
+    adapter may take as long as the others together). A process runs part after part, so the framework
+    is imported ``jobs`` times, not once per part (about 3 s of CPU each), and a backend's later adapters
+    find the programs its earlier ones compiled (JAX's in-memory cache: Flax's own weight norm's
+    adapters ran in 35 s instead of 94). A process whose part ends it (a crash) is replaced for the
+    parts left. Progress lines reach this terminal as the children write them; each adapter's counts are
+    printed in the adapters' order once all ended.
     """
+    import queue
     from concurrent.futures import ThreadPoolExecutor
 
     from .conformance.adapters import ADAPTERS
@@ -183,24 +218,61 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     shutil.rmtree(parts_root, ignore_errors=True)
     # module:Class, never the name: "torch" alone would mean the torch backend, both its adapters.
     targets = [ADAPTERS.get(name, name) for name in names]
-    units = [(index, part) for index in range(len(names)) for part in range(jobs)]
+    parts = jobs * PARTS_PER_PROCESS
+    units = [(index, part) for index in range(len(names)) for part in range(parts)]
 
     def unit_folder(index: int, part: int) -> Path:
-        return _part_folder(Path(args.results_dir), targets[index], part, jobs)
+        return _part_folder(Path(args.results_dir), targets[index], part, parts)
 
-    def run(unit):
-        index, part = unit
-        command = [sys.executable, "-c", child, "conformance", "--backend", targets[index],
-                   "--part", f"{part + 1}/{jobs}", "--results-dir", args.results_dir, *shared]
-        return subprocess.run(command, env=env)
+    command = [sys.executable, "-c", child, "conformance", "--parts-from-stdin", "--results-dir", args.results_dir,
+               *shared]
+    waiting: queue.SimpleQueue = queue.SimpleQueue()
+    for unit in units:
+        waiting.put(unit)
+    finished: dict = {}
+
+    def ended(process) -> Optional[int]:
+        """The status of the part ``process`` was given, from its stdout (anything else it prints
+        passes through); None when the process ended first."""
+        for line in process.stdout:
+            if line.startswith(PART_ENDED):
+                return int(line.split()[1])
+            sys.stdout.write(line)
+        return None
+
+    def serve(_):
+        process = None
+        while True:
+            try:
+                unit = waiting.get_nowait()
+            except queue.Empty:
+                break
+            if process is None:
+                process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            index, part = unit
+            try:
+                process.stdin.write(f"{targets[index]}\t{part + 1}/{parts}\n")
+                process.stdin.flush()
+                status = ended(process)
+            except BrokenPipeError:
+                status = None
+            if status is None:  # the process ended in this part: a fresh one takes the next
+                status = process.wait()
+                process = None
+            finished[unit] = status
+        if process is not None:
+            process.stdin.close()
+            for line in process.stdout:
+                sys.stdout.write(line)
+            process.wait()
 
     with ThreadPoolExecutor(jobs) as pool:
-        finished = dict(zip(units, pool.map(run, units), strict=True))
+        list(pool.map(serve, range(jobs)))
     order = [case.id for case in catalogue(CATALOGUE_DTYPES, args.device)]
     codes, incomplete = [], False
     for index, name in enumerate(names):
-        saved = [list(unit_folder(index, part).glob("*/summary.json")) for part in range(jobs)]
-        lost = [part for part in range(jobs) if len(saved[part]) != 1]
+        saved = [list(unit_folder(index, part).glob("*/summary.json")) for part in range(parts)]
+        lost = [part for part in range(parts) if len(saved[part]) != 1]
         if not lost:
             folders = [found[0].parent for found in saved]
             target = Path(args.results_dir) / folders[0].name
@@ -209,8 +281,8 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
         incomplete = True
         codes.append(1)
         for part in lost:
-            print(f"xnorm conformance: {name}: part {part + 1} of {jobs} ended with status "
-                  f"{finished[(index, part)].returncode} and saved no results (its output is under "
+            print(f"xnorm conformance: {name}: part {part + 1} of {parts} ended with status "
+                  f"{finished[(index, part)]} and saved no results (its output is under "
                   f"{unit_folder(index, part)})", file=sys.stderr)
         # an earlier run's results must not stand in for this one's in the report
         known = {found[0].parent.name for found in saved if len(found) == 1} | ({name} & set(ADAPTERS))
@@ -388,12 +460,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     conf.add_argument("--best-effort", action="store_true", help=best_effort)
     conf.add_argument(
         "--jobs", type=int, default=None,
-        help="processes side by side (default: cores); each adapter's catalogue is dealt out to this many, and "
-        "their results merged (1: every adapter in this process)",
+        help="processes side by side (default: cores); each adapter's catalogue is dealt out in parts (three per "
+        "process), each process takes the next part when free, and the parts' results are merged (1: every "
+        "adapter in this process)",
     )
     conf.add_argument(
         "--part", metavar="K/N",
         help="run only part K of the catalogue dealt in N parts, and save it without a verdict (what --jobs "
+        "gives each process)",
+    )
+    conf.add_argument(
+        "--parts-from-stdin", action="store_true",
+        help="run the parts named on stdin, one per line (<adapter>TAB<K>/<N>), one after another (what --jobs "
         "gives each process)",
     )
     conf.add_argument(

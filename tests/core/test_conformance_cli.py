@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xnorm.cli import EXIT_INCOMPLETE, main
+from xnorm.cli import EXIT_INCOMPLETE, PARTS_PER_PROCESS, main
 from xnorm.conformance.cases import CATALOGUE_DTYPES, catalogue
 from xnorm.conformance.fine_tuning import FINE_TUNING_CHECKS
 from xnorm.conformance.oracles import oracle_for
@@ -241,12 +241,14 @@ def test_adapters_run_side_by_side_in_their_own_processes(tmp_path, adapters, ca
     assert main([*argv, "--jobs", "2"]) == 1  # one adapter failed: the whole run failed
     captured = capfd.readouterr()
     total = len(catalogue(CATALOGUE_DTYPES))
+    parts = 2 * PARTS_PER_PROCESS
     for name in ("numpy-broken", "numpy-reference", "numpy-noisy"):
-        # each child's progress reached the terminal: every adapter in two parts, one process each, which
-        # ended with all of their cases done and together ran the whole catalogue
+        # each child's progress reached the terminal: every adapter in parts, which ended with all of their
+        # cases done and together ran the whole catalogue
         sizes = []
-        for part in (1, 2):
-            last = [line for line in captured.err.splitlines() if line.startswith(f"  {name} (part {part} of 2): ")][-1]
+        for part in range(1, parts + 1):
+            last = [line for line in captured.err.splitlines()
+                    if line.startswith(f"  {name} (part {part} of {parts}): ")][-1]
             done, size = last.split(": ")[1].split(" cases")[0].split("/")
             assert done == size
             sizes.append(int(size))
@@ -286,7 +288,8 @@ def test_an_adapter_run_in_parts_saves_what_one_process_saves(tmp_path, adapters
                 np.testing.assert_array_equal(merged[key], one[key])
         assert (parts / name / "report.md").read_text() == (whole / name / "report.md").read_text()
     log = (parts / "numpy-noisy" / "run.log").read_text()
-    assert [log.count(f"==> part {part} of 3 <==") for part in (1, 2, 3)] == [1, 1, 1]
+    count = 3 * PARTS_PER_PROCESS
+    assert [log.count(f"==> part {part} of {count} <==") for part in range(1, count + 1)] == [1] * count
     assert log.count("native noise from a kernel") == (whole / "numpy-noisy" / "run.log").read_text().count(
         "native noise from a kernel") > 0
 
@@ -322,38 +325,83 @@ def test_a_part_that_saves_nothing_fails_the_run_and_keeps_its_output(tmp_path, 
     (tmp_path / "dies.py").write_text(textwrap.dedent(
         """
         import os
+        import zlib
+
         from xnorm.conformance.adapters.reference import ReferenceAdapter
+        from xnorm.conformance.cases import catalogue
+        from xnorm.conformance.runner import CATALOGUE_DTYPES
+        from xnorm.conformance.shards import part_of
+        from xnorm.cli import PARTS_PER_PROCESS
+
+        # the runner seeds each case with the CRC-32 of its id; --jobs 2 deals an adapter out in parts
+        PARTS = 2 * PARTS_PER_PROCESS
+        PART_TWO = {zlib.crc32(case.id.encode()) for case in part_of(catalogue(CATALOGUE_DTYPES), 1, PARTS)}
 
 
         class DiesInPartTwo(ReferenceAdapter):
             name = "numpy-dies"
 
-            def build(self, layer, weight, bias, dtype):
-                if os.environ.get("XNORM_TEST_PART") == "2":
+            def seed(self, seed):
+                if seed in PART_TWO:
                     os._exit(9)
-                return super().build(layer, weight, bias, dtype)
+                super().seed(seed)
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    import xnorm.cli as cli
-
-    real_run = cli.subprocess.run
-
-    def run(command, **kwargs):  # tell each child its part, as the test's adapter reads it
-        part = command[command.index("--part") + 1].split("/")[0]
-        return real_run(command, **{**kwargs, "env": {**kwargs["env"], "XNORM_TEST_PART": part}})
-
-    monkeypatch.setattr(cli.subprocess, "run", run)
     argv = ["conformance", "--backend", "dies:DiesInPartTwo", "--backend", REFERENCE, "--results-dir", str(results)]
     # an earlier run's results, which the report would read as this run's
     (results / "numpy-dies").mkdir(parents=True)
     (results / "numpy-dies" / "summary.json").write_text("{}")
     assert main([*argv, "--jobs", "2"]) == 1
     err = capfd.readouterr().err
-    assert "dies:DiesInPartTwo: part 2 of 2 ended with status 9 and saved no results" in err
+    assert f"dies:DiesInPartTwo: part 2 of {2 * PARTS_PER_PROCESS} ended with status 9 and saved no results" in err
     assert "removed the earlier results of numpy-dies" in err
     assert not (results / "numpy-dies").exists()
     assert _summary(results, "numpy-reference")["counts"]["failed"] == 0
     assert (results / ".parts").is_dir()
+
+
+def test_jobs_processes_run_every_part_importing_the_framework_once_each(tmp_path, monkeypatch, capfd):
+    """Three adapters, ``--jobs 2``: two processes set up every part of every adapter between them (each
+    took the next part when free), and every adapter's results are whole."""
+    (tmp_path / "counted.py").write_text(textwrap.dedent(
+        """
+        import os
+
+        from xnorm.conformance.adapters.reference import ReferenceAdapter
+
+
+        class Counted(ReferenceAdapter):
+            def setup(self, device):
+                with open(os.environ["XNORM_TEST_SETUPS"], "a") as setups:
+                    setups.write(f"{os.getpid()} {self.name}\\n")
+                super().setup(device)
+
+
+        class First(Counted):
+            name = "numpy-first"
+
+
+        class Second(Counted):
+            name = "numpy-second"
+
+
+        class Third(Counted):
+            name = "numpy-third"
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    setups = tmp_path / "setups.txt"
+    monkeypatch.setenv("XNORM_TEST_SETUPS", str(setups))
+    results = tmp_path / "results"
+    names = ["counted:First", "counted:Second", "counted:Third"]
+    argv = ["conformance", *(arg for name in names for arg in ("--backend", name)), "--results-dir", str(results)]
+    assert main([*argv, "--jobs", "2"]) == 0, capfd.readouterr().err
+    lines = [line.split() for line in setups.read_text().splitlines()]
+    every_part = ["numpy-first", "numpy-second", "numpy-third"] * 2 * PARTS_PER_PROCESS
+    assert sorted(name for _, name in lines) == sorted(every_part)
+    assert len({pid for pid, _ in lines}) == 2
+    for name in ("numpy-first", "numpy-second", "numpy-third"):
+        assert len(_summary(results, name)["cases"]) == len(catalogue(CATALOGUE_DTYPES))
+        assert _summary(results, name)["counts"]["failed"] == 0
 
 
 def test_each_adapter_of_a_backend_runs_once_even_when_one_shares_the_backends_name(
@@ -369,9 +417,10 @@ def test_each_adapter_of_a_backend_runs_once_even_when_one_shares_the_backends_n
     argv = ["conformance", "--backend", "numpy-reference", "--results-dir", str(results), "--jobs", "2"]
     assert main(argv) == 0
     captured = capfd.readouterr()
+    parts = 2 * PARTS_PER_PROCESS
     for name in ("numpy-reference", "numpy-noisy"):
-        for part in (1, 2):
-            assert captured.err.count(f"running {name} (part {part} of 2) on cpu") == 1, captured.err
+        for part in range(1, parts + 1):
+            assert captured.err.count(f"running {name} (part {part} of {parts}) on cpu") == 1, captured.err
         assert captured.out.count(f"{name}: ") == 1, captured.out
 
 
