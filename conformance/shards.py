@@ -1,9 +1,10 @@
 """One adapter's catalogue in several processes: which cases each part runs, and how the parts' saved
 results become the adapter's.
 
-``xnorm conformance --jobs N`` runs every adapter in ``N`` parts, ``N`` processes at a time: whole
-adapters side by side left one core idle while the longest ran on (``mindspore-graph`` took as long as
-MindSpore's three other adapters together). A part saves under
+``xnorm conformance --jobs N`` deals every adapter out in ``N * PARTS_PER_PROCESS`` parts (``xnorm.cli``)
+to ``N`` processes, each taking the next part when it is free: whole adapters side by side left one core
+idle while the longest ran on (``mindspore-graph`` took as long as MindSpore's three other adapters
+together). A part saves under
 ``<results>/.parts/<adapter>/<k>-of-<n>/<adapter name>/``; once all parts ended, :func:`merge_parts`
 writes each adapter's folder as a single process would have (``summary.json``, ``arrays.npz``,
 ``report.md``, ``run.log``), the cases in catalogue order. A case's results do not depend on which
