@@ -8,6 +8,7 @@ PYNATIVE_MODE only: every example has new shapes, and a GRAPH_MODE compile costs
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import given
 
 import xnorm
-from xnorm.conformance.adapters.mindspore import MindSporePyNativeAdapter
+from xnorm.conformance.adapters.mindspore import HOST_BLOCKING_RUN, MindSporePyNativeAdapter
 from xnorm.spec import LayerKind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fuzz_strategies.py, shared by the three backends
@@ -41,7 +42,10 @@ PLAIN, FUSED = MindSporePyNativeAdapter(), PyNativeFused()
 def _pynative():
     """PYNATIVE_MODE for this file whatever other files set, and their mode back afterwards."""
     before = mindspore.get_context("mode")
+    dispatch = os.environ.get(HOST_BLOCKING_RUN)
     PLAIN.setup("cpu")
+    if dispatch is None:  # the setup's switch is for conformance runs: unit tests keep MindSpore's default
+        os.environ.pop(HOST_BLOCKING_RUN, None)
     yield
     mindspore.set_context(mode=before)
 
