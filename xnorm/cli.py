@@ -189,9 +189,11 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     adapter may take as long as the others together). A process runs part after part, so the framework
     is imported ``jobs`` times, not once per part (about 3 s of CPU each), and a backend's later adapters
     find the programs its earlier ones compiled (JAX's in-memory cache: Flax's own weight norm's
-    adapters ran in 35 s instead of 94). A process whose part ends it (a crash) is replaced for the
-    parts left. Progress lines reach this terminal as the children write them; each adapter's counts are
-    printed in the adapters' order once all ended.
+    adapters ran in 35 s instead of 94). A backend's process-wide settings reach its later adapters in
+    a process (MindSpore's synchronous launching, which ``mindspore-pynative`` turns on); every saved
+    array of every adapter was bit-equal to a process per part (2026-12-03). A process whose part ends
+    it (a crash) is replaced for the parts left. Progress lines reach this terminal as the children
+    write them; each adapter's counts are printed in the adapters' order once all ended.
     """
     import queue
     from concurrent.futures import ThreadPoolExecutor
