@@ -9,15 +9,17 @@ MindSpore reads the switch once per process, so each way runs in a child process
 """
 
 import os
-import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
-# Sets the adapter up as the conformance runner does, then trains a weight-normed Conv1d, a spectral-normed
-# Dense and an orthogonal Dense with a mindspore.jit step of value_and_grad and nn.SGD; saves every step's
-# output, every parameter, the switch's value and the names of the process's threads.
+sys.path.insert(0, str(Path(__file__).parent))
+from training_children import MODELS, assert_trained_alike, run_child  # noqa: E402 - this folder's helper
+
+# Sets the adapter up as the conformance runner does, then trains the helper's three layers with a
+# mindspore.jit step of value_and_grad and nn.SGD; saves the switch's value and the names of the process's
+# threads too.
 CHILD = r"""
 import os
 import sys
@@ -29,20 +31,7 @@ from xnorm.conformance.adapters.mindspore import HOST_BLOCKING_RUN, MindSporeGra
 
 out = sys.argv[1]
 MindSporeGraphAdapter().setup("cpu")
-ms.set_seed(0)  # spectral norm draws u and v from NumPy's global RNG, which this seeds
-rng = np.random.default_rng(0)
-
-def filled(layer):
-    for param in layer.trainable_params():
-        param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32)))
-    return layer
-
-models = {
-    "weight_norm": (xnorm.weight_norm(filled(nn.Conv1d(3, 4, 3, pad_mode="valid", has_bias=True))), (2, 3, 9)),
-    "spectral_norm": (xnorm.spectral_norm(filled(nn.Dense(6, 5)), n_power_iterations=2), (4, 6)),
-    "orthogonal": (xnorm.orthogonal(filled(nn.Dense(5, 5)), "matrix_exp", use_trivialization=False), (4, 5)),
-}
-saved = {}
+""" + MODELS + r"""
 for name, (cell, shape) in models.items():
     x = Tensor(rng.standard_normal(shape).astype(np.float32))
 
@@ -69,30 +58,14 @@ np.savez(out, **saved, switch=np.array(os.environ.get(HOST_BLOCKING_RUN, "")), t
 """
 
 
-def _run(way: str, folder) -> dict:
-    out = os.path.join(folder, f"{way}.npz")
-    env = {key: value for key, value in os.environ.items() if key != "MS_DEV_HOST_BLOCKING_RUN"}
-    env["OMP_NUM_THREADS"] = "1"
-    if way == "handed-over":
-        env["MS_DEV_HOST_BLOCKING_RUN"] = "0"  # the user's own setting: MindSpore's default behaviour
-    # a file, since mindspore.jit reads its function's source; run from the temporary folder, where the
-    # repository's source xnorm/ cannot shadow the installed package
-    script = os.path.join(folder, "child.py")
-    with open(script, "w") as handle:
-        handle.write(CHILD)
-    done = subprocess.run([sys.executable, script, out], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=folder)
-    assert done.returncode == 0, done.stderr[-3000:]
-    with np.load(out) as arrays:
-        return dict(arrays)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     if not os.path.isdir("/proc/self/task"):
         pytest.skip("the thread names are read from /proc (Linux)")
     folder = tmp_path_factory.mktemp("host-blocking")
-    return {way: _run(way, folder) for way in ("adapter-default", "handed-over")}
+    # "handed-over": the user's own setting, MindSpore's default behaviour
+    return {"adapter-default": run_child(CHILD, "adapter-default", folder),
+            "handed-over": run_child(CHILD, "handed-over", folder, host_blocking_run="0")}
 
 
 def test_the_adapter_runs_the_front_end_on_the_calling_thread(runs):
@@ -108,12 +81,4 @@ def test_a_users_setting_wins(runs):
 
 @pytest.mark.parametrize("reparametrization", ["weight_norm", "spectral_norm", "orthogonal"])
 def test_the_calling_thread_computes_the_same_as_the_hand_over(reparametrization, runs):
-    calling, handed_over = runs["adapter-default"], runs["handed-over"]
-    keys = sorted(k for k in handed_over if k.startswith(reparametrization + "/"))
-    assert keys and keys == sorted(k for k in calling if k.startswith(reparametrization + "/"))
-    assert any(k.endswith("_u") for k in keys) or reparametrization != "spectral_norm"
-    for key in keys:
-        np.testing.assert_array_equal(calling[key], handed_over[key], err_msg=key)
-    # the steps moved the parameters: a run that trained nothing would agree trivially
-    first, last = (handed_over[f"{reparametrization}/output{index}"] for index in (0, 7))
-    assert not np.array_equal(first, last)
+    assert_trained_alike(reparametrization, runs["handed-over"], runs["adapter-default"])
