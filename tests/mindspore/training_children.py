@@ -11,6 +11,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from xnorm.conformance.adapters.mindspore import HOST_BLOCKING_RUN
+
 #: A child script's middle part: a weight-normed Conv1d, a spectral-normed Dense (u and v written in place
 #: every step) and an orthogonal Dense (matrix_exp), filled from a seeded generator, as ``models`` (name ->
 #: (cell, input shape)); ``saved`` to be filled and ``rng`` to draw the inputs from. The child imports
@@ -32,8 +34,6 @@ models = {
 saved = {}
 """
 
-#: the environment variable a test of the default dispatch must not pass on to its children
-HOST_BLOCKING_RUN = "MS_DEV_HOST_BLOCKING_RUN"
 
 
 def run_child(script: str, name: str, folder, *, host_blocking_run: Optional[str] = None) -> Dict[str, np.ndarray]:
