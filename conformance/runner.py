@@ -48,6 +48,7 @@ import platform
 import sys
 import time
 import traceback
+import weakref
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -539,10 +540,11 @@ class SuiteRun:
         if reason:
             result = not_run(case, self.adapter.name, reason)
         else:
-            if self._ready_device != case.device or _ACTIVE.get("adapter") is not self.adapter:
+            active = _ACTIVE.get("adapter")
+            if self._ready_device != case.device or active is None or active() is not self.adapter:
                 self.adapter.setup(case.device)
                 self._ready_device = case.device
-                _ACTIVE["adapter"] = self.adapter
+                _ACTIVE["adapter"] = weakref.ref(self.adapter)
             result = run_case(self.adapter, case, self.expected_failures)
         self.results.append(result)
         return result
@@ -598,8 +600,11 @@ class SuiteRun:
 
 
 # The adapter whose setup() ran last: switching adapters in one process (MindSpore's graph and
-# PyNative modes) must re-run setup.
-_ACTIVE: Dict[str, Adapter] = {}
+# PyNative modes) must re-run setup. A weak reference: an adapter whose run ended must be garbage by the
+# next one's setup, which may freeze what is alive then (the MindSpore adapters' gc.freeze()); held
+# strongly here, each earlier adapter of a process, with its layers and their compiled graphs, stayed in
+# memory for the rest of the process.
+_ACTIVE: Dict[str, weakref.ref[Adapter]] = {}
 
 
 def run_suite(

@@ -3,7 +3,9 @@ expected-failure rules and compares saved runs. The backends here are NumPy ones
 reference, so these tests need no framework."""
 
 import dataclasses
+import gc
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -174,6 +176,26 @@ def test_a_check_the_life_cycle_never_reached_is_not_passed_and_fails_the_case(m
     assert result.checks["state"].state == "not-run" and result.checks["remove"].state == "not-run"
     assert "suite bug" in result.checks["remove"].detail
     assert result.status == "failed"  # every check that ran passed, but a case with unrun checks is no pass
+
+
+def test_an_adapter_whose_run_ended_is_garbage_before_the_next_ones_setup():
+    """A process runs adapter after adapter (``--jobs``); the next one's ``setup`` may freeze what is alive
+    (MindSpore's adapters call gc.freeze()), so the runner must not keep the last adapter alive itself."""
+    seen_at_setup = []
+
+    class Next(NumpyAdapter):
+        def setup(self, device):
+            gc.collect()
+            seen_at_setup.append(first_alive())
+            super().setup(device)
+
+    first = NumpyAdapter()
+    first_alive = weakref.ref(first)
+    case = Case(LAYERS[0], 0, "float64", "cpu")
+    assert run_suite(first, cases=[case]).results[0].status == "passed"
+    del first
+    assert run_suite(Next(), cases=[case]).results[0].status == "passed"
+    assert seen_at_setup == [None]
 
 
 def test_absent_device_is_reported_not_run():
