@@ -191,14 +191,16 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     find the programs its earlier ones compiled (JAX's in-memory cache: Flax's own weight norm's
     adapters ran in 35 s instead of 94). A backend's process-wide settings reach its later adapters in
     a process (MindSpore's synchronous launching, which ``mindspore-pynative`` turns on); every saved
-    array of every adapter was bit-equal to a process per part (2026-12-03). A process whose part ends
-    it (a crash) is replaced for the parts left. Progress lines reach this terminal as the children
-    write them; each adapter's counts are printed in the adapters' order once all ended.
+    array of every adapter was bit-equal to a process per part (2026-12-03). Parts are dealt adapter by
+    adapter in :func:`~xnorm.conformance.adapters.run_order` (MindSpore's GRAPH_MODE adapter last: later
+    adapters ran slower in its processes). A process whose part ends it (a crash) is replaced for the
+    parts left. Progress lines reach this terminal as the children write them; each adapter's counts are
+    printed in the adapters' order once all ended.
     """
     import queue
     from concurrent.futures import ThreadPoolExecutor
 
-    from .conformance.adapters import ADAPTERS
+    from .conformance.adapters import ADAPTERS, run_order
     from .conformance.cases import catalogue
     from .conformance.report import LOG_NAME
     from .conformance.runner import CATALOGUE_DTYPES
@@ -221,7 +223,7 @@ def _adapters_in_processes(names: List[str], args, jobs: int) -> List[int]:
     # module:Class, never the name: "torch" alone would mean the torch backend, both its adapters.
     targets = [ADAPTERS.get(name, name) for name in names]
     parts = jobs * PARTS_PER_PROCESS
-    units = [(index, part) for index in range(len(names)) for part in range(parts)]
+    units = [(names.index(name), part) for name in run_order(names) for part in range(parts)]
 
     def unit_folder(index: int, part: int) -> Path:
         return _part_folder(Path(args.results_dir), targets[index], part, parts)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from xnorm.cli import EXIT_INCOMPLETE, PARTS_PER_PROCESS, main
+from xnorm.conformance import adapters as adapter_registry
 from xnorm.conformance.cases import CATALOGUE_DTYPES, catalogue
 from xnorm.conformance.fine_tuning import FINE_TUNING_CHECKS
 from xnorm.conformance.oracles import oracle_for
@@ -362,7 +363,8 @@ def test_a_part_that_saves_nothing_fails_the_run_and_keeps_its_output(tmp_path, 
 
 def test_jobs_processes_run_every_part_importing_the_framework_once_each(tmp_path, monkeypatch, capfd):
     """Three adapters, ``--jobs 2``: two processes set up every part of every adapter between them (each
-    took the next part when free), and every adapter's results are whole."""
+    took the next part when free), an adapter of ``RUN_LAST`` after the others, and every adapter's
+    results are whole."""
     (tmp_path / "counted.py").write_text(textwrap.dedent(
         """
         import os
@@ -393,9 +395,13 @@ def test_jobs_processes_run_every_part_importing_the_framework_once_each(tmp_pat
     monkeypatch.setenv("XNORM_TEST_SETUPS", str(setups))
     results = tmp_path / "results"
     names = ["counted:First", "counted:Second", "counted:Third"]
+    monkeypatch.setattr(adapter_registry, "RUN_LAST", ("counted:First",))
     argv = ["conformance", *(arg for name in names for arg in ("--backend", name)), "--results-dir", str(results)]
     assert main([*argv, "--jobs", "2"]) == 0, capfd.readouterr().err
     lines = [line.split() for line in setups.read_text().splitlines()]
+    # the two processes start with the first two parts dealt and end with the last two
+    assert [name for _, name in lines[:2]] == ["numpy-second"] * 2
+    assert [name for _, name in lines[-2:]] == ["numpy-first"] * 2
     every_part = ["numpy-first", "numpy-second", "numpy-third"] * 2 * PARTS_PER_PROCESS
     assert sorted(name for _, name in lines) == sorted(every_part)
     assert len({pid for pid, _ in lines}) == 2
