@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from xnorm import reference, reference_spectral
+from xnorm import reference, reference_orthogonal, reference_spectral
 from xnorm.spec import SpectralNorm
 
 RNG = np.random.default_rng(1234)
@@ -192,3 +192,25 @@ def test_spectral_spec_defaults_follow_torch():
     assert SpectralNorm(dim=-1).resolved_dim(4, "conv2d") == 3  # unlike weight norm, -1 is the last axis
     assert SpectralNorm().tensor_names("kernel") == ("kernel_orig",)
     assert SpectralNorm().state_names("weight") == ("weight_u", "weight_v")
+
+
+@pytest.mark.parametrize("orthogonal_map", reference_orthogonal.MAPS)
+@pytest.mark.parametrize("shape", [(4, 4), (5, 3), (3, 5), (2, 3, 4, 4), (2, 6, 3)])
+@pytest.mark.parametrize("trivialized", [False, True])
+def test_orthogonal_gradient_is_the_adjoint_of_the_directional_derivative(orthogonal_map, shape, trivialized):
+    """The gradient (each step of the map backwards) against one exact directional derivative per entry."""
+    rng = np.random.default_rng(7)
+    original = rng.standard_normal(shape) * 0.7
+    for i in range(min(shape[-2:])):  # householder: the columns whose diagonal entry truncates to +-1
+        original[..., i, i] = rng.choice([-1.0, 1.0], size=shape[:-2]) * (1.0 + rng.random(shape[:-2]))
+    grad_weight = rng.standard_normal(shape)
+    n = max(shape[-2:])
+    base = np.linalg.qr(rng.standard_normal(shape[:-2] + (n, n)))[0] if trivialized else None
+    by_entry = np.zeros(shape)
+    for index in np.ndindex(shape):
+        direction = np.zeros(shape)
+        direction[index] = 1.0
+        derivative = reference_orthogonal.directional_derivative(original, direction, orthogonal_map, base)
+        by_entry[index] = np.sum(grad_weight * derivative)
+    gradient = reference_orthogonal.gradient(original, grad_weight, orthogonal_map, base)
+    np.testing.assert_allclose(gradient, by_entry, rtol=0, atol=1e-13 * np.max(np.abs(by_entry)))
