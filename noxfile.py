@@ -63,13 +63,13 @@ BACKENDS = ("torch", "mindspore", "flax")
 EXTRAS = {"torch": "torch,test,report", "mindspore": "mindspore,torch,test", "flax": "flax,torch,test"}
 
 
-#: Lets Python write the bytecode of what a session imports into the session's own environment. uv installs
-#: none (pip compiles it at install), so where Python is told not to write any (PYTHONDONTWRITEBYTECODE=1,
-#: as on this project's machines) every process compiled torch's, MindSpore's or JAX's modules from source
-#: again: about 3 s of CPU per process, two or three processes per run. `xnorm conformance --backend torch`
-#: in a built environment: 30.7 s without, 24.3 s with the bytecode written by an earlier run (2026-12-03).
-#: (Compiling all of it at install, uv's --compile-bytecode, took the Flax environment from 5 s to 16 s.)
-WRITE_BYTECODE = {"PYTHONDONTWRITEBYTECODE": None}
+# Python may write the bytecode of what a session imports into the session's own environment. uv installs
+# none (pip compiles it at install), so where Python is told not to write any (PYTHONDONTWRITEBYTECODE=1, as
+# on this project's machines) every process compiled torch's, MindSpore's or JAX's modules from source again:
+# about 3 s of CPU per process, two or three processes per run. `xnorm conformance --backend torch` in a built
+# environment: 30.7 s without, 24.3 s with the bytecode an earlier run wrote (2026-12-03). (Compiling all of
+# it at install, uv's --compile-bytecode, took the Flax environment from 5 s to 16 s.)
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def _install(session, backend):
@@ -115,19 +115,17 @@ for _backend in BACKENDS:
         core = ["tests/core"] if backend == "torch" else ["tests/core", "--ignore=tests/core/test_conformance_cli.py"]
         # -m "not extended": the extra launchers and modes of the distributed tests (nox -s distributed)
         parallel, env = _pytest_parallel()
-        session.run("pytest", *core, f"tests/{backend}", "-q", "-m", "not extended", *parallel,
-                    env={**env, **WRITE_BYTECODE})
+        session.run("pytest", *core, f"tests/{backend}", "-q", "-m", "not extended", *parallel, env=env)
         # xnorm's own adapters: the other implementations' (torch's and Flax's own weight norms, mindspore-assign)
         # show how they depart from the spec, in the report (nox -t report), and would add 4 minutes here
         session.run("xnorm", "conformance", "--backend", backend, "--xnorm-only", "--results-dir", RESULTS,
-                    *_device_args(session), env=WRITE_BYTECODE)
+                    *_device_args(session))
 
     @nox.session(name=f"conformance-{_backend}", tags=["report"])
     def conformance(session, backend=_backend):
         """The backend's conformance report (markdown on the terminal, files under conformance-results/)."""
         _install(session, backend)
-        session.run("xnorm", "conformance", "--backend", backend, "--results-dir", RESULTS, *_device_args(session),
-                    env=WRITE_BYTECODE)
+        session.run("xnorm", "conformance", "--backend", backend, "--results-dir", RESULTS, *_device_args(session))
 
 
 #: the oldest and the newest release of each backend's framework installable here, pinned in
@@ -182,7 +180,7 @@ def cross(session):
     """Compare every saved backend run pairwise; writes conformance-results/report.md, .html and .png."""
     session.install("-c", "constraints/report.txt", ".[report]")
     best_effort = ["--best-effort"] if "--best-effort" in session.posargs else []
-    session.run("xnorm", "report", "--results-dir", RESULTS, *best_effort, env=WRITE_BYTECODE)
+    session.run("xnorm", "report", "--results-dir", RESULTS, *best_effort)
 
 
 BENCH_RESULTS = str(ROOT / "benchmarks" / "results")
