@@ -78,16 +78,22 @@ def _expm_skew(A: np.ndarray) -> np.ndarray:
     return np.real((U * np.exp(-1j * w)[..., None, :]) @ np.conj(np.swapaxes(U, -1, -2)))
 
 
+def _reflector(X: np.ndarray, i: int) -> Tuple[np.ndarray, float]:
+    """``(v_i, tau_i)`` of column ``i`` of tall ``X``: ``v_i = (0, ..., 0, 1, X[i+1:, i])`` and
+    ``tau_i = 2 / (1 + ||X[i+1:, i]||^2)``, so that ``I - tau_i v_i v_i^T`` is a reflection."""
+    v = np.zeros(X.shape[0])
+    v[i] = 1.0
+    v[i + 1:] = X[i + 1:, i]
+    return v, 2.0 / (1.0 + X[i + 1:, i] @ X[i + 1:, i])
+
+
 def _householder(X: np.ndarray) -> np.ndarray:
     """``orgqr`` of the reflectors below the diagonal of tall ``X`` (one matrix), columns times
     ``int(diag(X))``."""
     n, k = X.shape
     Q = np.eye(n)[:, :k]
     for i in reversed(range(k)):
-        v = np.zeros(n)
-        v[i] = 1.0
-        v[i + 1:] = X[i + 1:, i]
-        tau = 2.0 / (1.0 + X[i + 1:, i] @ X[i + 1:, i])
+        v, tau = _reflector(X, i)
         Q = Q - tau * np.outer(v, v @ Q)
     return Q * np.trunc(np.diagonal(X))[None, :]
 
@@ -149,12 +155,9 @@ def _d_householder(X: np.ndarray, dX: np.ndarray) -> np.ndarray:
     dQ = np.zeros((n, k))
     for i in reversed(range(k)):
         a, da = X[i + 1:, i], dX[i + 1:, i]
-        v = np.zeros(n)
-        v[i] = 1.0
-        v[i + 1:] = a
+        v, tau = _reflector(X, i)
         dv = np.zeros(n)
         dv[i + 1:] = da
-        tau = 2.0 / (1.0 + a @ a)
         dtau = -tau * tau * (a @ da)
         # Q <- (I - tau v v^T) Q
         dQ = dQ - dtau * np.outer(v, v @ Q) - tau * (np.outer(dv, v @ Q) + np.outer(v, dv @ Q) + np.outer(v, v @ dQ))
@@ -197,10 +200,7 @@ def _householder_adjoint(X: np.ndarray, G: np.ndarray) -> np.ndarray:
     before = []  # Q before each step, in the forward's order (i = k-1 down to 0)
     reflectors = []
     for i in reversed(range(k)):
-        v = np.zeros(n)
-        v[i] = 1.0
-        v[i + 1:] = X[i + 1:, i]
-        tau = 2.0 / (1.0 + X[i + 1:, i] @ X[i + 1:, i])
+        v, tau = _reflector(X, i)
         before.append(Q)
         reflectors.append((i, v, tau))
         Q = Q - tau * np.outer(v, v @ Q)
