@@ -174,20 +174,53 @@ def _spectral_weight(weight, u, v, axes: Tuple[int, ...], eps: float, iterations
 
 
 def initial_state(weight, key, axes: Tuple[int, ...], eps: float):
-    """:func:`_initial_state`, with Explicit mesh axes made Auto for it (:func:`.partitioning.auto_axes_call`)."""
+    """``(u, v)`` right after wrapping a weight of rank > 1: N(0, 1) draws from ``key`` (u from its first
+    split, v from its second), normalized, then ``SPECTRAL_INIT_ITERATIONS`` iterations; with Explicit
+    mesh axes made Auto for it (:func:`.partitioning.auto_axes_call`)."""
     return partitioning.auto_axes_call(
         lambda weight, key: _initial_state(weight, key, axes, eps), (weight, key), weight, state_partitioning(axes)
     )
 
 
-@functools.partial(jax.jit, static_argnames=("axes", "eps"))
+#: The smallest size the initial draws are made at (see :func:`_draw_size`).
+DRAW_SIZE_MIN = 64
+
+
+def _draw_size(count: int, key) -> int:
+    """How many N(0, 1) values to draw from ``key`` for the first ``count`` of them.
+
+    With JAX's default generator (threefry, ``jax_threefry_partitionable``, the default since JAX 0.5)
+    each value depends only on the key and its index, so the first ``count`` of a longer draw are the
+    draw of ``count`` itself, bit for bit (tests/flax/test_spectral.py checks it). Drawing at the next
+    power of two (at least :data:`DRAW_SIZE_MIN`) and cutting makes the draw one compiled program per
+    size class instead of one per weight shape: a threefry draw is about 0.25 s of XLA:CPU compile, two
+    thirds of what wrapping a new weight shape compiled. Any other generator draws exactly ``count``."""
+    prefix_stable = jax.config.jax_threefry_partitionable and str(jax.random.key_impl(key)) == "threefry2x32"
+    return max(DRAW_SIZE_MIN, 1 << (count - 1).bit_length()) if prefix_stable else count
+
+
+# jit: one program per draw size and dtype, shared by every weight shape whose draws round up to it
+@functools.partial(jax.jit, static_argnames=("size", "dtype"))
+def _standard_normal(key, size: int, dtype):
+    return jax.random.normal(key, (size,), dtype)
+
+
 def _initial_state(weight, key, axes: Tuple[int, ...], eps: float):
-    """``(u, v)`` right after wrapping a weight of rank > 1: N(0, 1) draws from ``key`` (u from its
-    first split, v from its second), normalized, then ``SPECTRAL_INIT_ITERATIONS`` iterations."""
-    matrix = _MatrixView(weight, axes)
+    h = weight.shape[axes[0]]
+    w = weight.size // h
+    dtype = _work_dtype(weight.dtype)
     key_u, key_v = jax.random.split(key)
-    u = _normalize(jax.random.normal(key_u, (matrix.h,), matrix.dtype), eps)
-    v = _normalize(jax.random.normal(key_v, (matrix.w,), matrix.dtype), eps)
+    u = _standard_normal(key_u, _draw_size(h, key), dtype)
+    v = _standard_normal(key_v, _draw_size(w, key), dtype)
+    return _initial_iterations(weight, u, v, axes, eps)
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "eps"))
+def _initial_iterations(weight, u_draw, v_draw, axes: Tuple[int, ...], eps: float):
+    """The first ``h`` and ``w`` of the draws, normalized, then ``SPECTRAL_INIT_ITERATIONS`` iterations."""
+    matrix = _MatrixView(weight, axes)
+    u = _normalize(u_draw[: matrix.h], eps)
+    v = _normalize(v_draw[: matrix.w], eps)
     # A loop, not 15 unrolled iterations: XLA compiles one iteration's body (about 4x less compile
     # time per weight shape, the same values; nothing differentiates through the initial state).
     return jax.lax.fori_loop(

@@ -24,6 +24,7 @@ from torch.nn.utils import parametrizations
 
 import xnorm
 from xnorm import reference_spectral
+from xnorm._backends.flax import spectral as spectral_module
 from xnorm.conformance.adapters.flax import linen_layer, nnx_layer
 from xnorm.conformance.adapters.torch import build_torch_layer
 from xnorm.conformance.cases import LAYERS, LayerCase
@@ -280,6 +281,42 @@ def test_initial_state_is_the_keys_draws_iterated_fifteen_times():
     )
     assert_close(variables["batch_stats"]["kernel_u"], u_ref, "float64", "weight", what="linen u at wrap")
     assert_close(variables["batch_stats"]["kernel_v"], v_ref, "float64", "weight", what="linen v at wrap")
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (5, 63), (64, 65), (127, 2), (130, 3)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_initial_draws_are_the_keys_draws_of_exactly_h_and_w_values(rows, cols, dtype):
+    # the draws are made at a rounded-up size and cut; what is kept must be jax.random.normal's draw of
+    # h and of w values from the key's two splits, bit for bit, on both sides of each size class's edge
+    key = jax.random.key(11)
+    key_u, key_v = jax.random.split(key)
+    for count, draw_key in ((rows, key_u), (cols, key_v)):
+        size = spectral_module._draw_size(count, key)
+        assert size >= count
+        drawn = np.asarray(spectral_module._standard_normal(draw_key, size, jnp.dtype(dtype)))[:count]
+        np.testing.assert_array_equal(drawn, np.asarray(jax.random.normal(draw_key, (count,), jnp.dtype(dtype))))
+
+
+def test_initial_draws_share_one_program_per_size_class_and_keep_exact_sizes_for_other_generators():
+    spectral_module._standard_normal.clear_cache()
+    for features in (3, 5, 9, 17, 33):
+        xnorm.spectral_norm(nnx.Linear(7, features, param_dtype=jnp.float64, rngs=nnx.Rngs(0)), rngs=0)
+    # u of 3..33 entries and v of 7: all in the smallest size class, one float64 program
+    assert spectral_module._standard_normal._cache_size() == 1
+    # a generator whose draws are not prefixes of longer ones is drawn at the exact size
+    assert spectral_module._draw_size(5, jax.random.key(0, impl="rbg")) == 5
+    # singular values 1, 0.95, 0.9: 15 iterations leave u and v far from converged, so they tell draws apart
+    left, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((4, 3)))
+    right, _ = np.linalg.qr(np.random.default_rng(4).standard_normal((3, 3)))
+    weight = left @ np.diag([1.0, 0.95, 0.9]) @ right.T
+    with jax.threefry_partitionable(False):
+        assert spectral_module._draw_size(5, jax.random.key(0)) == 5
+        u_ref, v_ref = reference_initial_state(weight, 0, jax.random.key(2))
+        model = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        model.kernel.set_value(jnp.asarray(weight.T))
+        wrapped = xnorm.spectral_norm(model, rngs=jax.random.key(2))
+    assert_close(wrapped.kernel_u.get_value(), u_ref, "float64", "weight", what="u at wrap, non-partitionable threefry")
+    assert_close(wrapped.kernel_v.get_value(), v_ref, "float64", "weight", what="v at wrap, non-partitionable threefry")
 
 
 def test_linen_init_in_training_mode_iterates_once_more():
