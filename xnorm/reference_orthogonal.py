@@ -78,6 +78,12 @@ def _expm_skew(A: np.ndarray) -> np.ndarray:
     return np.real((U * np.exp(-1j * w)[..., None, :]) @ np.conj(np.swapaxes(U, -1, -2)))
 
 
+def _cayley(A: np.ndarray) -> np.ndarray:
+    """``(I - A/2)^{-1} (I + A/2)`` of skew-symmetric ``A`` (one matrix or a batch)."""
+    eye = np.eye(A.shape[-1])
+    return np.linalg.solve(eye - A / 2, eye + A / 2)
+
+
 def _reflector(X: np.ndarray, i: int) -> Tuple[np.ndarray, float]:
     """``(v_i, tau_i)`` of column ``i`` of tall ``X``: ``v_i = (0, ..., 0, 1, X[i+1:, i])`` and
     ``tau_i = 2 / (1 + ||X[i+1:, i]||^2)``, so that ``I - tau_i v_i v_i^T`` is a reflection."""
@@ -124,11 +130,7 @@ def forward(X, orthogonal_map: Optional[str] = None, base=None) -> np.ndarray:
         Q = _per_matrix(_householder, X)
     else:
         A = _skew(X, n)
-        if orthogonal_map == "matrix_exp":
-            Q = _expm_skew(A)
-        else:
-            eye = np.eye(n)
-            Q = np.linalg.solve(eye - A / 2, eye + A / 2)
+        Q = _expm_skew(A) if orthogonal_map == "matrix_exp" else _cayley(A)
         Q = Q[..., :k]
     if base is not None:
         Q = np.asarray(base, dtype=np.float64) @ Q
@@ -182,8 +184,7 @@ def directional_derivative(X, dX, orthogonal_map: Optional[str] = None, base=Non
             dQ = _per_matrix(_dexpm_skew, A, dA)
         else:
             eye = np.eye(n)
-            Q = np.linalg.solve(eye - A / 2, eye + A / 2)
-            dQ = np.linalg.solve(eye - A / 2, (dA / 2) @ (Q + eye))
+            dQ = np.linalg.solve(eye - A / 2, (dA / 2) @ (_cayley(A) + eye))
         dQ = dQ[..., :k]
     if base is not None:
         dQ = np.asarray(base, dtype=np.float64) @ dQ
@@ -242,8 +243,8 @@ def gradient(X, grad_weight, orthogonal_map: Optional[str] = None, base=None) ->
             grad_A = _per_matrix(_dexpm_skew, np.swapaxes(A, -1, -2), G_full)
         else:
             eye = np.eye(n)
-            Q = np.linalg.solve(eye - A / 2, eye + A / 2)
-            grad_A = np.linalg.solve(np.swapaxes(eye - A / 2, -1, -2), G_full) @ np.swapaxes(Q + eye, -1, -2) / 2
+            Q_plus_eye = _cayley(A) + eye
+            grad_A = np.linalg.solve(np.swapaxes(eye - A / 2, -1, -2), G_full) @ np.swapaxes(Q_plus_eye, -1, -2) / 2
         grad = np.tril((grad_A - np.swapaxes(grad_A, -1, -2))[..., :k])
     return np.swapaxes(grad, -1, -2) if transposed else grad
 
