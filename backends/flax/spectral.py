@@ -100,6 +100,12 @@ def _work_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype) in _LOW_PRECISION else jnp.dtype(dtype)
 
 
+def _matrix_shape(weight, axes: Tuple[int, ...]) -> Tuple[int, int]:
+    """``(h, w)`` of the matrix view: the size of the ``dim`` axis, and the product of the others."""
+    h = weight.shape[axes[0]]
+    return h, weight.size // h
+
+
 class _MatrixView:
     """The ``(h, w)`` matrix view ``M`` of a storage-layout weight, in the compute dtype, as its two products.
 
@@ -112,8 +118,7 @@ class _MatrixView:
 
     def __init__(self, weight, axes: Tuple[int, ...]):
         work = weight.astype(_work_dtype(weight.dtype))
-        self.h = weight.shape[axes[0]]
-        self.w = weight.size // self.h
+        self.h, self.w = _matrix_shape(weight, axes)
         self.dtype = work.dtype
         if axes == (weight.ndim - 1, *range(weight.ndim - 1)):
             self._transposed, self._matrix = work.reshape(self.w, self.h), None
@@ -206,8 +211,7 @@ def _standard_normal(key, size: int, dtype):
 
 
 def _initial_state(weight, key, axes: Tuple[int, ...], eps: float):
-    h = weight.shape[axes[0]]
-    w = weight.size // h
+    h, w = _matrix_shape(weight, axes)
     dtype = _work_dtype(weight.dtype)
     key_u, key_v = jax.random.split(key)
     u = _standard_normal(key_u, _draw_size(h, key), dtype)
